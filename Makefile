@@ -1,0 +1,34 @@
+# Two commands from a fresh clone: `make test` and `make bench`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: venv install test test-gpu bench clean
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q $(TORCH_SPEC) numpy pytest pytest-benchmark pytest-timeout ninja tabulate matplotlib tqdm timm
+	touch $@
+
+venv: $(VENV)/.deps
+
+# Builds fastres._C in place when torch has CUDA and a CUDA toolkit is found (see setup.py).
+install: venv
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PY) -m fastres.info
+
+test: install
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-gpu: install
+	$(PY) -m pytest tests -m gpu $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m benchmarks.run --cpu-if-no-gpu
+
+clean:
+	rm -rf build *.egg-info fastres/_C*.so

@@ -1,0 +1,8 @@
+"""fastres: fused GPU kernels for ResNet training, as drop-in PyTorch modules."""
+from fastres.backend import get_backend, set_backend, use_backend, backend_status
+from fastres import ops  # noqa: F401  (registers the custom ops)
+from fastres import functional
+
+__version__ = "0.1.0"
+
+__all__ = ["functional", "set_backend", "get_backend", "use_backend", "backend_status"]

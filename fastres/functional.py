@@ -1,0 +1,112 @@
+"""Functional interface: argument checking, then the custom ops in ``fastres.ops``."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastres.ops.batch_norm_act import batch_norm_act_op, channel_count
+
+__all__ = ["batch_norm_act", "ACTIVATIONS", "check_batch_norm_act_args", "update_running_stats"]
+
+ACTIVATIONS = ("relu", None)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_activation(activation) -> bool:
+    if isinstance(activation, str):
+        activation = activation.lower()
+        if activation in ("none", "identity"):
+            activation = None
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be 'relu' or None, got {activation!r}")
+    return activation == "relu"
+
+
+def check_batch_norm_act_args(input, running_mean, running_var, weight, bias, training, residual):
+    """Raise a clear exception for anything the fused op cannot treat exactly as eager would."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+    if input.dim() != 4:
+        raise ValueError(f"batch_norm_act expects 4-D input (N, C, H, W), got {input.dim()}-D input "
+                         f"of shape {tuple(input.shape)}")
+    if input.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"batch_norm_act supports float32, float16 and bfloat16 input (float64 with "
+                        f"the torch backend), got {input.dtype}")
+    C = input.shape[1]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
+        if t.dim() != 1 or t.numel() != C:
+            raise ValueError(f"{name} must have shape ({C},) to match the input's {C} channels, "
+                             f"got shape {tuple(t.shape)}")
+        if t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+        if t.dtype not in (torch.float32, input.dtype):
+            raise TypeError(f"{name} must be float32 or the input's dtype ({input.dtype}), "
+                            f"got {t.dtype}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be given or both be None")
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var must be given in evaluation mode "
+                         "(training=False)")
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"residual must be a Tensor or None, got {type(residual).__name__}")
+        if residual.shape != input.shape:
+            raise ValueError(f"residual shape {tuple(residual.shape)} does not match input shape "
+                             f"{tuple(input.shape)}")
+        if residual.dtype != input.dtype:
+            raise TypeError(f"residual dtype {residual.dtype} does not match input dtype "
+                            f"{input.dtype}")
+        if residual.device != input.device:
+            raise ValueError(f"residual is on {residual.device} but input is on {input.device}")
+    if training:
+        count = channel_count(input)
+        if count == 1:
+            raise ValueError("Expected more than 1 value per channel when training, got input "
+                             f"size {input.shape}")
+
+
+def update_running_stats(running_mean, running_var, mean, var, count, momentum):
+    """In-place exponential update exactly as F.batch_norm does (unbiased variance)."""
+    with torch.no_grad():
+        unbiased = var * (count / (count - 1))
+        running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+def batch_norm_act(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: Optional[Tensor] = None,
+    activation: Optional[str] = "relu",
+) -> Tensor:
+    """``act(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    + residual)`` in fused kernels, with the same in-place running-statistics update.
+
+    input: 4-D (N, C, H, W), channels_last or NCHW (any strides are accepted; non-dense input is
+    copied once). fp32 / fp16 / bf16. weight, bias, running stats: fp32 or the input's dtype.
+    activation: "relu" or None. Gradients flow to input, weight, bias and residual.
+    """
+    relu = _check_activation(activation)
+    check_batch_norm_act_args(input, running_mean, running_var, weight, bias, training, residual)
+    if momentum is None:
+        momentum = 0.0  # F.batch_norm semantics when given None: keep the running stats.
+    use_batch_stats = training
+    y, mean, var = batch_norm_act_op(input, weight, bias, residual, running_mean, running_var,
+                                     use_batch_stats, float(eps), relu)
+    count = channel_count(input)
+    if use_batch_stats and running_mean is not None and count > 1:
+        update_running_stats(running_mean, running_var, mean, var, count, float(momentum))
+    return y

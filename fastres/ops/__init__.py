@@ -1,0 +1,2 @@
+"""Custom ops, one file per fused op (schema, fake, autograd, backend dispatch, reference)."""
+from fastres.ops import batch_norm_act  # noqa: F401

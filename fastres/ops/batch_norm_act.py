@@ -1,0 +1,336 @@
+"""Fused BatchNorm (+ residual add) (+ ReLU): custom-op schemas, fake and autograd, backend dispatch,
+and the pure-PyTorch reference backend.
+
+Math (per channel c, over the N·H·W elements of that channel):
+
+    forward   y   = act((x − mean)·scale + shift [+ residual]),  scale = weight·invstd, shift = bias
+    backward  dy' = dy · [not (y ≤ 0)]                 (ReLU mask, recomputed from x: PyTorch's rule)
+              Σdy', Σdy'·x̂                             (one reduction pass)
+              dx  = scale·(dy' − Σdy'/M − x̂·Σdy'x̂/M)  (training; eval: dx = scale·dy')
+              dresidual = dy',  dweight = Σdy'·x̂,  dbias = Σdy'
+
+Custom ops (namespace ``fastres``), each with a fake implementation:
+
+    batch_norm_stats(x) -> (mean, m2)                                   per-channel fp32 Welford state
+    batch_norm_act(x, weight?, bias?, residual?, running_mean?, running_var?, training, eps, relu)
+        -> (y, mean, var)                                                autograd registered
+    batch_norm_act_backward_reduce(dy, x, mean, invstd, weight?, bias?, residual?, relu)
+        -> (sum_dy, sum_dy_xhat)
+    batch_norm_act_backward_dx(dy, x, mean, invstd, weight?, bias?, residual?, mean_dy?, mean_dy_xhat?,
+        relu, need_dresidual) -> (dx, dresidual)
+
+Saved for backward: the BN input x (the residual too, when there is one, to recompute the ReLU mask)
+and per-channel fp32 mean and variance — never the normalised or activated tensor. That is
+sizeof(dtype) bytes per element of x (2·sizeof(dtype) with a residual), plus 8 bytes per channel.
+
+Every backend implements four kernel-level functions on validated tensors (``x`` is 4-D and dense in
+NCHW or NHWC order, ``dy`` and ``residual`` in the same order; per-channel tensors are fp32 [C]):
+
+    batch_stats(x) -> (mean, m2)
+    apply(x, mean, scale, shift, residual, relu) -> y             y = act((x − mean)·scale + shift + r)
+    backward_reduce(dy, x, mean, scale, shift, residual, relu) -> (Σdy', Σdy'·(x − mean))
+    backward_dx(dy, x, mean, scale, shift, residual, relu, a, k, c, need_dres) -> (dx, dres | None)
+                                                                   dx = a·dy' + k·(x − mean) + c
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastres.backend import resolve
+
+# --------------------------------------------------------------------------------------------------
+# Layout helpers shared by real and fake implementations (so both give the same strides).
+
+
+def memory_format(x: Tensor) -> torch.memory_format:
+    """The dense layout the kernels use for ``x``: NCHW unless ``x`` is (closer to) channels_last."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    # Non-dense input: keep whichever order it is closer to.
+    return torch.channels_last if x.stride(1) < x.stride(3) else torch.contiguous_format
+
+
+def dense(t: Tensor, fmt: torch.memory_format) -> Tensor:
+    return t.contiguous(memory_format=fmt)
+
+
+def is_nhwc(x: Tensor) -> bool:
+    return memory_format(x) == torch.channels_last
+
+
+def empty_output(x: Tensor) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+
+
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """Statistics and per-channel math run in fp32 (fp64 for fp64 input, torch backend only)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def per_channel(x: Tensor) -> Tensor:
+    return x.new_empty((x.shape[1],), dtype=acc_dtype(x))
+
+
+def channel_count(x: Tensor) -> int:
+    return x.numel() // x.shape[1] if x.shape[1] else 0
+
+
+def _fold(invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-channel fp32 (scale, shift) with y = (x − mean)·scale + shift."""
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    shift = torch.zeros_like(invstd) if bias is None else bias.to(invstd.dtype)
+    return scale.contiguous(), shift.contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# The pure-PyTorch reference backend (also the CPU fallback). Computes in fp32.
+
+
+class TorchBackend:
+    name = "torch"
+
+    @staticmethod
+    def _c(v: Tensor) -> Tensor:
+        return v.view(1, -1, 1, 1)
+
+    @staticmethod
+    def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+        var, mean = torch.var_mean(x.to(acc_dtype(x)), dim=(0, 2, 3), correction=0)
+        return mean, var * channel_count(x)
+
+    @classmethod
+    def _pre_activation(cls, x, mean, scale, shift, residual) -> Tensor:
+        y = (x.to(mean.dtype) - cls._c(mean)) * cls._c(scale) + cls._c(shift)
+        if residual is not None:
+            y = y + residual.to(mean.dtype)
+        return y
+
+    @classmethod
+    def _masked_grad(cls, dy, x, mean, scale, shift, residual, relu) -> Tensor:
+        dy = dy.to(mean.dtype)
+        if relu:
+            # PyTorch's threshold_backward passes the gradient unless the (rounded) output is <= 0.
+            y = cls._pre_activation(x, mean, scale, shift, residual).to(x.dtype)
+            dy = torch.where(y <= 0, torch.zeros_like(dy), dy)
+        return dy
+
+    @classmethod
+    def apply(cls, x, mean, scale, shift, residual, relu) -> Tensor:
+        y = cls._pre_activation(x, mean, scale, shift, residual)
+        if relu:
+            y = torch.relu(y)
+        out = empty_output(x)
+        out.copy_(y)
+        return out
+
+    @classmethod
+    def backward_reduce(cls, dy, x, mean, scale, shift, residual, relu) -> tuple[Tensor, Tensor]:
+        g = cls._masked_grad(dy, x, mean, scale, shift, residual, relu)
+        sum_dy = g.sum(dim=(0, 2, 3))
+        sum_dy_xc = (g * (x.to(mean.dtype) - cls._c(mean))).sum(dim=(0, 2, 3))
+        return sum_dy, sum_dy_xc
+
+    @classmethod
+    def backward_dx(cls, dy, x, mean, scale, shift, residual, relu, a, k, c, need_dres):
+        g = cls._masked_grad(dy, x, mean, scale, shift, residual, relu)
+        dx = cls._c(a) * g + cls._c(k) * (x.to(mean.dtype) - cls._c(mean)) + cls._c(c)
+        out = empty_output(x)
+        out.copy_(dx)
+        dres = None
+        if need_dres:
+            dres = empty_output(x)
+            dres.copy_(g)
+        return out, dres
+
+
+def _backend_for(x: Tensor, op: str):
+    name = resolve(x.device, op, tuple(x.shape))
+    if name == "torch":
+        return TorchBackend
+    if name == "triton":
+        from fastres.triton import batch_norm_act as triton_backend
+
+        return triton_backend
+    if name == "cuda":
+        from fastres import cuda_backend
+
+        return cuda_backend
+    raise RuntimeError(f"unknown backend {name!r}")
+
+
+def _prepare(x: Tensor, *others: Optional[Tensor]) -> tuple[Tensor, ...]:
+    fmt = memory_format(x)
+    return (dense(x, fmt),) + tuple(None if t is None else dense(t, fmt) for t in others)
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom ops.
+
+
+@torch.library.custom_op("fastres::batch_norm_stats", mutates_args=())
+def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel fp32 batch mean and M2 = Σ(x − mean)² (count = N·H·W), merged stably (Chan)."""
+    (x,) = _prepare(x)
+    if channel_count(x) == 0:
+        nan = torch.full((x.shape[1],), float("nan"), dtype=acc_dtype(x), device=x.device)
+        return nan, nan.clone()
+    return _backend_for(x, "stats").batch_stats(x)
+
+
+@batch_norm_stats.register_fake
+def _(x):
+    return per_channel(x), per_channel(x)
+
+
+@torch.library.custom_op("fastres::batch_norm_act", mutates_args=())
+def batch_norm_act_op(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    eps: float,
+    relu: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """y = act(BN(x) [+ residual]); returns (y, mean, var) — the fp32 per-channel statistics used:
+    the batch's (biased variance) in training, the running ones otherwise."""
+    x, residual = _prepare(x, residual)
+    if training:
+        if channel_count(x) == 0:
+            mean, m2 = batch_norm_stats(x)
+            return empty_output(x), mean, m2
+        backend = _backend_for(x, "stats")
+        mean, m2 = backend.batch_stats(x)
+        var = m2 / channel_count(x)
+    else:
+        mean = running_mean.to(acc_dtype(x), copy=True)
+        var = running_var.to(acc_dtype(x), copy=True)
+    invstd = torch.rsqrt(var + eps)
+    scale, shift = _fold(invstd, weight, bias)
+    if x.numel() == 0:
+        return empty_output(x), mean, var
+    y = _backend_for(x, "apply").apply(x, mean, scale, shift, residual, relu)
+    return y, mean, var
+
+
+@batch_norm_act_op.register_fake
+def _(x, weight, bias, residual, running_mean, running_var, training, eps, relu):
+    return empty_output(x), per_channel(x), per_channel(x)
+
+
+@torch.library.custom_op("fastres::batch_norm_act_backward_reduce", mutates_args=())
+def batch_norm_act_backward_reduce(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    relu: bool,
+) -> tuple[Tensor, Tensor]:
+    """Per-channel fp32 (Σdy', Σdy'·x̂) with dy' the gradient through the ReLU mask."""
+    x, dy, residual = _prepare(x, dy, residual)
+    mean, invstd = mean.to(acc_dtype(x)).contiguous(), invstd.to(acc_dtype(x)).contiguous()
+    if x.numel() == 0:
+        return torch.zeros_like(mean), torch.zeros_like(mean)
+    scale, shift = _fold(invstd, weight, bias)
+    sum_dy, sum_dy_xc = _backend_for(x, "backward_reduce").backward_reduce(
+        dy, x, mean, scale, shift, residual, relu)
+    return sum_dy, sum_dy_xc * invstd
+
+
+@batch_norm_act_backward_reduce.register_fake
+def _(dy, x, mean, invstd, weight, bias, residual, relu):
+    return per_channel(x), per_channel(x)
+
+
+@torch.library.custom_op("fastres::batch_norm_act_backward_dx", mutates_args=())
+def batch_norm_act_backward_dx(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    mean_dy: Optional[Tensor],
+    mean_dy_xhat: Optional[Tensor],
+    relu: bool,
+    need_dresidual: bool,
+) -> tuple[Tensor, Tensor]:
+    """(dx, dresidual). With batch statistics pass mean_dy = Σdy'/M and mean_dy_xhat = Σdy'x̂/M (M the
+    element count per channel, over all ranks for SyncBN); without them (eval) dx = scale·dy'.
+    dresidual is an empty tensor unless need_dresidual."""
+    x, dy, residual = _prepare(x, dy, residual)
+    mean, invstd = mean.to(acc_dtype(x)).contiguous(), invstd.to(acc_dtype(x)).contiguous()
+    scale, shift = _fold(invstd, weight, bias)
+    if mean_dy is None:
+        k = torch.zeros_like(scale)
+        c = torch.zeros_like(scale)
+    else:
+        k = -scale * invstd * mean_dy_xhat.to(scale.dtype)
+        c = -scale * mean_dy.to(scale.dtype)
+    if x.numel() == 0:
+        dres = empty_output(x) if need_dresidual else x.new_empty((0,))
+        return empty_output(x), dres
+    dx, dres = _backend_for(x, "backward_dx").backward_dx(
+        dy, x, mean, scale, shift, residual, relu, scale, k.contiguous(), c.contiguous(),
+        need_dresidual)
+    return dx, (dres if need_dresidual else x.new_empty((0,)))
+
+
+@batch_norm_act_backward_dx.register_fake
+def _(dy, x, mean, invstd, weight, bias, residual, mean_dy, mean_dy_xhat, relu, need_dresidual):
+    return empty_output(x), (empty_output(x) if need_dresidual else x.new_empty((0,)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Autograd for fastres::batch_norm_act.
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, running_mean, running_var, training, eps, relu = inputs
+    _, mean, var = output
+    fmt = memory_format(x)
+    ctx.save_for_backward(dense(x, fmt), weight, bias,
+                          None if residual is None else dense(residual, fmt), mean, var)
+    ctx.training, ctx.eps, ctx.relu = training, eps, relu
+    ctx.has_residual = residual is not None
+
+
+def _backward(ctx, dy, _dmean, _dvar):
+    x, weight, bias, residual, mean, var = ctx.saved_tensors
+    need_dx, need_dw, need_db, need_dres = ctx.needs_input_grad[:4]
+    invstd = torch.rsqrt(var + ctx.eps)
+    dy = dense(dy, memory_format(x))
+    sum_dy = sum_dy_xhat = None
+    if ctx.training or need_dw or need_db:
+        sum_dy, sum_dy_xhat = batch_norm_act_backward_reduce(
+            dy, x, mean, invstd, weight, bias, residual, ctx.relu)
+    dx = dres = None
+    if need_dx or need_dres:
+        mean_dy = mean_dy_xhat = None
+        if ctx.training:
+            m = max(channel_count(x), 1)
+            mean_dy, mean_dy_xhat = sum_dy / m, sum_dy_xhat / m
+        dx, dres = batch_norm_act_backward_dx(
+            dy, x, mean, invstd, weight, bias, residual, mean_dy, mean_dy_xhat, ctx.relu,
+            bool(need_dres and ctx.has_residual))
+        if not need_dx:
+            dx = None
+        if not (need_dres and ctx.has_residual):
+            dres = None
+    dw = sum_dy_xhat.to(weight.dtype) if (need_dw and weight is not None) else None
+    db = sum_dy.to(bias.dtype) if (need_db and bias is not None) else None
+    return dx, dw, db, dres, None, None, None, None, None
+
+
+batch_norm_act_op.register_autograd(_backward, setup_context=_setup_context)

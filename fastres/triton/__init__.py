@@ -1,0 +1,1 @@
+"""Triton kernels, one file per fused op; each file exposes the backend functions its op dispatches to."""
