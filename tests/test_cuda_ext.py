@@ -1,0 +1,466 @@
+"""The C++/CUDA extension fastres._C and the "cuda" backend.
+
+Without a GPU (CI): the extension is built and imports whenever a CUDA toolkit is present, its four ops
+are registered with the expected schemas, CPU tensors get a clear error, a missing or broken extension
+never breaks ``import fastres``, and set_backend("cuda") says why it is unavailable.
+With a GPU (``gpu`` marker): the cuda backend against eager and against triton by the tolerance rule on
+the foundation shape families, kernel-level checks against TorchBackend, bitwise determinism.
+"""
+from __future__ import annotations
+
+import glob
+import importlib
+import itertools
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastres
+from fastres import _toolkit, backend
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPS = ("bn_stats_cuda", "bn_apply_cuda", "bn_backward_reduce_cuda", "bn_backward_dx_cuda")
+SCHEMAS = {
+    "bn_stats_cuda": "fastres::bn_stats_cuda(Tensor x) -> (Tensor, Tensor)",
+    "bn_apply_cuda": "fastres::bn_apply_cuda(Tensor x, Tensor mean, Tensor scale, Tensor shift, "
+                     "Tensor? residual, bool relu) -> Tensor",
+    "bn_backward_reduce_cuda": "fastres::bn_backward_reduce_cuda(Tensor dy, Tensor x, Tensor mean, "
+                               "Tensor scale, Tensor shift, Tensor? residual, bool relu) "
+                               "-> (Tensor, Tensor)",
+    "bn_backward_dx_cuda": "fastres::bn_backward_dx_cuda(Tensor dy, Tensor x, Tensor mean, "
+                           "Tensor scale, Tensor shift, Tensor? residual, bool relu, Tensor a, "
+                           "Tensor k, Tensor c, bool need_dres) -> (Tensor, Tensor)",
+}
+
+
+def _expect_built() -> str | None:
+    """Why fastres._C may legitimately be absent (None: setup.py must have built it)."""
+    if os.environ.get("FASTRES_BUILD_CUDA") == "0":
+        return "FASTRES_BUILD_CUDA=0"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is CPU-only"
+    if _toolkit.find_cuda_home() is None:
+        return "no CUDA toolkit (CUDA_HOME / nvcc) on this machine"
+    return None
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = backend.load_extension()
+    if module is None:
+        why_absent = _expect_built()
+        if why_absent is None:
+            pytest.fail("a CUDA toolkit is present, so setup.py builds fastres._C, but it did not "
+                        f"load: {backend._load_extension()[1]}")
+        pytest.skip(f"fastres._C is not built: {why_absent}")
+    return module
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU-only checks (CI).
+
+
+def test_extension_imports(ext):
+    assert ext.__name__ == "fastres._C"
+    assert importlib.import_module("fastres._C") is ext
+    assert os.path.dirname(ext.__file__) == os.path.dirname(fastres.__file__)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_ops_registered_with_schema(ext, op):
+    packet = getattr(torch.ops.fastres, op)
+    assert str(packet.default._schema) == SCHEMAS[op]
+    # The Python custom ops share the namespace and keep working next to them.
+    for py_op in ("batch_norm_stats", "batch_norm_act", "batch_norm_act_backward_reduce",
+                  "batch_norm_act_backward_dx"):
+        assert hasattr(torch.ops.fastres, py_op)
+
+
+def _cpu_args(op):
+    x = torch.randn(2, 8, 3, 3)
+    c = torch.zeros(8)
+    return {
+        "bn_stats_cuda": (x,),
+        "bn_apply_cuda": (x, c, c, c, None, True),
+        "bn_backward_reduce_cuda": (x, x, c, c, c, None, True),
+        "bn_backward_dx_cuda": (x, x, c, c, c, None, True, c, c, c, False),
+    }[op]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_tensors_get_a_clear_error(ext, op):
+    with pytest.raises(RuntimeError, match=r"fastres\._C kernels need CUDA tensors, got a CPU "
+                                           r"tensor.*use the 'torch' or 'triton' backend"):
+        getattr(torch.ops.fastres, op)(*_cpu_args(op))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_set_backend_cuda_without_gpu_says_why():
+    before = fastres.get_backend()
+    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable: .*"
+                                           "(no CUDA device is visible|not built|did not load)"):
+        fastres.set_backend("cuda")
+    assert fastres.get_backend() == before
+
+
+def test_info_says_whether_C_loaded():
+    from fastres.info import info
+
+    text = info()
+    line = next(ln for ln in text.splitlines() if ln.startswith("fastres._C:"))
+    if backend.load_extension() is None:
+        assert "not loaded:" in line and len(line) > len("fastres._C: not loaded: ")
+    else:
+        assert "loaded from" in line and all(op in line for op in OPS)
+    assert "auto table measured on: " + backend.AUTO_TABLE_DEVICE in text
+
+
+class _BrokenExtension:
+    """A meta-path finder that makes ``import fastres._C`` fail like a broken build."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "fastres._C":
+            raise ImportError("fastres/_C.so: undefined symbol: _ZN3c105ErrorC2E (simulated)")
+        return None
+
+
+def test_broken_extension_is_logged_once_and_reported(monkeypatch, caplog):
+    monkeypatch.delitem(sys.modules, "fastres._C", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_BrokenExtension()] + sys.meta_path)
+    backend._load_extension.cache_clear()
+    backend._cuda_ext_status.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="fastres"):
+            assert backend.load_extension() is None
+            assert backend.load_extension() is None
+            ok, why = backend.backend_status()["cuda"]
+        assert not ok and "undefined symbol" in why
+        assert len([r for r in caplog.records if "fastres._C" in r.getMessage()]) == 1
+        with pytest.raises(RuntimeError, match="undefined symbol"):
+            fastres.set_backend("cuda")
+        with pytest.raises(RuntimeError, match="undefined symbol"):
+            backend.load_extension(required=True)
+    finally:
+        backend._load_extension.cache_clear()
+        backend._cuda_ext_status.cache_clear()
+
+
+def _run_python(code: str) -> str:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_import_fastres_survives_missing_and_broken_extension():
+    out = _run_python(
+        "import sys\n"
+        "class Broken:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'fastres._C':\n"
+        "            raise OSError('libcudart.so.13: cannot open shared object file (simulated)')\n"
+        "sys.meta_path.insert(0, Broken())\n"
+        "import torch, fastres\n"
+        "from fastres.backend import backend_status\n"
+        "print(backend_status()['cuda'][1])\n"
+        "x = torch.randn(2, 3, 4, 4)\n"
+        "y = fastres.functional.batch_norm_act(x, None, None, training=True)\n"
+        "print('ok', tuple(y.shape))\n")
+    assert "libcudart.so.13" in out and "ok (2, 3, 4, 4)" in out
+
+
+def test_extension_loaded_before_fastres_does_not_conflict(ext):
+    # torch.ops.load_library runs the TORCH_LIBRARY block before the Python custom ops (a FRAGMENT of
+    # the same namespace) are defined; `import fastres._C` afterwards is the same shared object.
+    so = glob.glob(os.path.join(os.path.dirname(fastres.__file__), "_C*.so"))
+    assert so, "fastres._C loaded but no fastres/_C*.so found"
+    out = _run_python(
+        "import torch\n"
+        f"torch.ops.load_library({so[0]!r})\n"
+        "import fastres, fastres._C\n"
+        "from fastres.backend import load_extension\n"
+        "assert load_extension() is not None\n"
+        "print(torch.ops.fastres.bn_stats_cuda.default._schema)\n"
+        "print(torch.ops.fastres.batch_norm_act.default._schema.name)\n"
+        "x = torch.randn(2, 3, 4, 4)\n"
+        "fastres.functional.batch_norm_act(x, None, None, training=True)\n"
+        "print('ok')\n")
+    assert SCHEMAS["bn_stats_cuda"] in out and "fastres::batch_norm_act" in out and "ok" in out
+
+
+def test_auto_table_is_unmeasured_and_defaults_to_triton(monkeypatch):
+    assert backend.AUTO_TABLE_DEVICE == "unmeasured" and backend.AUTO_TABLE == {}
+    for op in ("stats", "apply", "backward_reduce", "backward_dx"):
+        assert backend.auto_choice(op, (256, 64, 56, 56)) == "triton"
+    # The rule format, as the benchmark will fill it in.
+    monkeypatch.setitem(backend.AUTO_TABLE, "apply", [({"C": (1024, None)}, "cuda"),
+                                                     ({"NHW": (0, 4096)}, "torch")])
+    assert backend.auto_choice("apply", (256, 2048, 7, 7)) == "cuda"
+    assert backend.auto_choice("apply", (1, 64, 8, 8)) == "torch"
+    assert backend.auto_choice("apply", (256, 64, 56, 56)) == "triton"
+    assert backend.auto_choice("apply", None) == "triton"
+    monkeypatch.setitem(backend.AUTO_TABLE, "stats", "cuda")
+    assert backend.auto_choice("stats", (2, 3, 4, 4)) == "cuda"
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU checks.
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The foundation shape families: C not a multiple of 8 (scalar path), C a multiple of 8 (16-byte
+# vectors), N·H·W odd, H·W = 1, batch 1, and shapes large enough for several blocks and splits.
+SHAPES = (
+    (2, 5, 3, 3),
+    (2, 16, 4, 4),
+    (3, 8, 3, 5),
+    (4, 24, 1, 1),
+    (1, 32, 7, 7),
+    (2, 12, 6, 6),
+    (16, 256, 14, 14),
+    (8, 72, 9, 9),
+)
+
+
+def _floor(dtype, ref):
+    # One unit in the last place of the output's magnitude: the rounding of the result itself.
+    scale = max(1.0, ref[torch.isfinite(ref)].abs().max().item()) if torch.isfinite(ref).any() else 1.0
+    return torch.finfo(dtype).eps * scale
+
+
+def _err(a, ref):
+    a, ref = a.double(), ref.double()
+    finite = torch.isfinite(ref) & torch.isfinite(a)
+    return (a[finite] - ref[finite]).abs().max().item() if finite.any() else 0.0
+
+
+def assert_rule(name, fused, eager, ref, exact_nan=True):
+    """err(fused vs fp64 reference) <= 2 * err(eager vs reference) + floor; non-finite where eager is."""
+    assert fused.shape == eager.shape == ref.shape, name
+    if exact_nan:
+        assert torch.equal(torch.isnan(fused), torch.isnan(eager)), f"{name}: NaN positions differ"
+    assert torch.equal(torch.isfinite(fused), torch.isfinite(eager)), f"{name}: Inf/NaN positions differ"
+    inf = torch.isinf(eager)
+    assert torch.equal(fused[inf], eager[inf]), f"{name}: infinities differ"
+    e_fused, e_eager = _err(fused, ref), _err(eager, ref)
+    floor = _floor(fused.dtype, ref.double())
+    assert e_fused <= 2 * e_eager + floor, (
+        f"{name}: err {e_fused:.3e} > 2 * eager err {e_eager:.3e} + floor {floor:.1e}")
+    return e_fused, e_eager, floor
+
+
+def _make_inputs(shape, dtype, layout, residual, special=None, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    n, c, h, w = shape
+    x = torch.randn(shape, device="cuda", generator=g) * 2 + 0.5
+    if special == "large_mean":
+        x = x + 1e3
+    if special == "nonfinite":
+        x[0, 0, 0, 0] = float("nan")
+        if c > 1:
+            x[-1, 1, -1, -1] = float("inf")
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    x = x.to(dtype).contiguous(memory_format=fmt)
+    weight = torch.rand(c, device="cuda", generator=g) + 0.5
+    bias = torch.randn(c, device="cuda", generator=g)
+    rm = torch.randn(c, device="cuda", generator=g) * 0.1
+    rv = torch.rand(c, device="cuda", generator=g) + 0.5
+    res = None
+    if residual:
+        res = torch.randn(shape, device="cuda", generator=g).to(dtype).contiguous(memory_format=fmt)
+    gy = torch.randn(shape, device="cuda", generator=g).to(dtype).contiguous(memory_format=fmt)
+    return x, weight, bias, rm, rv, res, gy
+
+
+def _run(impl, x, weight, bias, rm, rv, res, gy, training, relu, to=None):
+    """Forward + backward; impl is a backend name, or "eager" (torch.nn.functional)."""
+    cast = (lambda t: t) if to is None else (lambda t: None if t is None else t.to(to))
+    x = cast(x).detach().requires_grad_()
+    w, b = cast(weight).detach().requires_grad_(), cast(bias).detach().requires_grad_()
+    rm, rv = cast(rm).clone(), cast(rv).clone()
+    r = None if res is None else cast(res).detach().requires_grad_()
+    if impl == "eager":
+        y = F.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5)
+        if r is not None:
+            y = y + r
+        if relu:
+            y = torch.relu(y)
+    else:
+        with fastres.use_backend(impl):
+            y = fastres.functional.batch_norm_act(x, rm, rv, w, b, training, 0.1, 1e-5, residual=r,
+                                                  activation="relu" if relu else None)
+    y.backward(cast(gy))
+    torch.cuda.synchronize()
+    out = {"y": y, "dx": x.grad, "dweight": w.grad, "dbias": b.grad, "running_mean": rm,
+           "running_var": rv}
+    if r is not None:
+        out["dresidual"] = r.grad
+    return {k: v.detach() for k, v in out.items()}
+
+
+def _triton_available():
+    try:
+        importlib.import_module("fastres.triton.batch_norm_act")
+    except ImportError:
+        return False
+    return backend.backend_status()["triton"][0]
+
+
+def _check_case(shape, dtype, layout, residual, relu, training, special=None):
+    inputs = _make_inputs(shape, dtype, layout, residual, special)
+    cuda = _run("cuda", *inputs, training, relu)
+    eager = _run("eager", *inputs, training, relu)
+    ref = _run("eager", *inputs, training, relu, to=torch.float64)
+    for name in cuda:
+        exact_nan = not name.startswith("running")  # Welford order decides NaN vs Inf there
+        fused = cuda[name]
+        if name in ("y", "dx", "dresidual"):
+            fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+            assert fused.is_contiguous(memory_format=fmt), f"{name} lost the input's layout"
+            assert fused.dtype == dtype
+        assert_rule(name, fused, eager[name], ref[name], exact_nan)
+    if _triton_available():
+        triton = _run("triton", *inputs, training, relu)
+        for name in cuda:
+            exact_nan = not name.startswith("running")
+            _, e_e, floor = assert_rule(f"triton {name}", triton[name], eager[name], ref[name],
+                                        exact_nan)
+            # Both within the rule of the reference, hence within twice of each other.
+            assert _err(cuda[name], triton[name]) <= 4 * e_e + 2 * floor, f"cuda vs triton: {name}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_matches_eager_and_triton(ext, shape, dtype, layout):
+    for residual, relu, training in itertools.product((False, True), (False, True), (True, False)):
+        _check_case(shape, dtype, layout, residual, relu, training)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("special", ["large_mean", "nonfinite"])
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_special_values(ext, dtype, layout, special):
+    for shape in ((4, 16, 5, 5), (2, 5, 3, 3)):
+        for residual, relu in ((False, True), (True, True), (False, False)):
+            _check_case(shape, dtype, layout, residual, relu, True, special)
+            _check_case(shape, dtype, layout, residual, relu, False, special)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_is_bitwise_deterministic(ext, dtype, layout):
+    inputs = _make_inputs((32, 256, 14, 14), dtype, layout, residual=True, seed=3)
+    first = _run("cuda", *inputs, True, True)
+    second = _run("cuda", *inputs, True, True)
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"{name} differs between two runs"
+
+
+def _kernel_inputs(shape, dtype, layout, misalign=False):
+    x, weight, bias, rm, rv, res, gy = _make_inputs(shape, dtype, layout, residual=True, seed=7)
+    if misalign:  # views whose data pointer is not 16-byte aligned: the scalar path must take them
+        def shifted(t):
+            fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+            flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+            out = flat[1:].view(t.permute(0, 2, 3, 1).shape if layout == "nhwc" else t.shape)
+            out = out.permute(0, 3, 1, 2) if layout == "nhwc" else out
+            out.copy_(t)
+            assert out.is_contiguous(memory_format=fmt) and out.data_ptr() % 16 != 0
+            return out
+        x, res, gy = shifted(x), shifted(res), shifted(gy)
+    c = shape[1]
+    mean = torch.randn(c, device="cuda")
+    scale, shift = torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda")
+    a, k, cc = torch.randn(c, device="cuda"), torch.randn(c, device="cuda"), torch.randn(c, device="cuda")
+    return x, res, gy, mean, scale, shift, a, k, cc
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("misalign", [False, True])
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kernels_match_torch_backend(ext, dtype, layout, misalign):
+    from fastres import cuda_backend
+    from fastres.ops.batch_norm_act import TorchBackend
+
+    for shape in ((4, 16, 6, 6), (3, 24, 5, 5), (2, 5, 3, 3)):
+        x, res, gy, mean, scale, shift, a, k, cc = _kernel_inputs(shape, dtype, layout, misalign)
+        # fp32 TorchBackend on the same rounded inputs: only the kernels' fp32 rounding differs.
+        m_ref, m2_ref = TorchBackend.batch_stats(x.double())
+        m, m2 = cuda_backend.batch_stats(x)
+        torch.testing.assert_close(m.double(), m_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m2.double(), m2_ref, rtol=1e-4, atol=1e-4)
+        tol = dict(rtol=torch.finfo(dtype).eps * 2, atol=torch.finfo(dtype).eps * 4)
+        for r, relu in ((None, False), (None, True), (res, True), (res, False)):
+            y = cuda_backend.apply(x, mean, scale, shift, r, relu)
+            y_ref = TorchBackend.apply(x, mean, scale, shift, r, relu)
+            assert y.stride() == y_ref.stride()
+            torch.testing.assert_close(y.float(), y_ref.float(), **tol)
+            s1, s2 = cuda_backend.backward_reduce(gy, x, mean, scale, shift, r, relu)
+            r1, r2 = TorchBackend.backward_reduce(gy.double(), x.double(), mean.double(),
+                                                  scale.double(), shift.double(),
+                                                  None if r is None else r.double(), relu)
+            torch.testing.assert_close(s1.double(), r1, rtol=1e-4, atol=1e-3)
+            torch.testing.assert_close(s2.double(), r2, rtol=1e-4, atol=1e-3)
+            for need_dres in (False, True):
+                dx, dres = cuda_backend.backward_dx(gy, x, mean, scale, shift, r, relu, a, k, cc,
+                                                    need_dres)
+                dx_ref, dres_ref = TorchBackend.backward_dx(gy, x, mean, scale, shift, r, relu, a,
+                                                            k, cc, need_dres)
+                assert dx.stride() == dx_ref.stride()
+                torch.testing.assert_close(dx.float(), dx_ref.float(), **tol)
+                if need_dres:
+                    assert torch.equal(dres, dres_ref)
+                else:
+                    assert dres is None
+
+
+@pytest.mark.gpu
+def test_relu_mask_uses_the_rounded_output(ext):
+    # A positive pre-activation that rounds to 0 in fp16 (< 2^-25) is masked, as threshold_backward
+    # on the fp16 output does; NaN passes.
+    from fastres import cuda_backend
+
+    x = torch.tensor([1e-8, -1.0, 1.0, float("nan")], device="cuda").view(1, 1, 2, 2).half()
+    x = x.repeat(1, 8, 1, 1).contiguous(memory_format=torch.channels_last)
+    ones, zeros = torch.ones(8, device="cuda"), torch.zeros(8, device="cuda")
+    dy = torch.ones_like(x)
+    dx, _ = cuda_backend.backward_dx(dy, x, zeros, ones * 1e-2, zeros, None, True, ones, zeros,
+                                     zeros, False)
+    assert dx[0, 0].flatten().tolist()[:3] == [0.0, 0.0, 1.0]
+    assert dx[0, 0].flatten()[3].item() == 1.0
+    y = cuda_backend.apply(x, zeros, ones, zeros, None, True)
+    assert torch.isnan(y[0, :, 1, 1]).all()
+
+
+@pytest.mark.gpu
+def test_bad_input_gets_a_clear_error(ext):
+    x = torch.randn(2, 8, 4, 4, device="cuda")
+    c = torch.zeros(8, device="cuda")
+    ops = torch.ops.fastres
+    with pytest.raises(RuntimeError, match="must be 4-D"):
+        ops.bn_stats_cuda(x[0])
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        ops.bn_stats_cuda(x.double())
+    with pytest.raises(RuntimeError, match="dense NCHW"):
+        ops.bn_stats_cuda(x[:, ::2])
+    with pytest.raises(RuntimeError, match=r"must be a contiguous \[C\]"):
+        ops.bn_apply_cuda(x, c[:4], c, c, None, True)
+    with pytest.raises(RuntimeError, match="must be float32"):
+        ops.bn_apply_cuda(x, c.half(), c, c, None, True)
+    with pytest.raises(RuntimeError, match="dy must be dense in x's memory order"):
+        ops.bn_backward_reduce_cuda(x.contiguous(memory_format=torch.channels_last), x, c, c, c,
+                                    None, True)
+    with pytest.raises(RuntimeError, match="residual has shape"):
+        ops.bn_apply_cuda(x, c, c, c, x[:1], True)
+    with pytest.raises(RuntimeError, match="need CUDA tensors|is on cpu"):
+        ops.bn_apply_cuda(x, c.cpu(), c, c, None, True)
