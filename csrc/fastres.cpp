@@ -12,7 +12,7 @@
 
 #include <torch/library.h>
 
-#include <string>
+#include "schemas.h"
 
 extern "C" {
 // An empty module: importing it loads this shared object, whose static initialisers register the ops.
@@ -28,21 +28,7 @@ PyObject* PyInit__C(void) {
 }
 }
 
-TORCH_LIBRARY(fastres, m) {
-  // (mean, m2): per-channel fp32 batch mean and M2 = sum((x - mean)^2), Welford/Chan merged.
-  m.def("bn_stats_cuda(Tensor x) -> (Tensor, Tensor)");
-  // y = act((x - mean) * scale + shift [+ residual]), in x's dtype and layout.
-  m.def("bn_apply_cuda(Tensor x, Tensor mean, Tensor scale, Tensor shift, Tensor? residual, "
-        "bool relu) -> Tensor");
-  // (sum dy', sum dy' * (x - mean)), dy' = dy masked where the (rounded) pre-activation is <= 0.
-  m.def("bn_backward_reduce_cuda(Tensor dy, Tensor x, Tensor mean, Tensor scale, Tensor shift, "
-        "Tensor? residual, bool relu) -> (Tensor, Tensor)");
-  // (dx, dresidual): dx = a * dy' + k * (x - mean) + c; dresidual = dy' (an empty tensor unless
-  // need_dres).
-  m.def("bn_backward_dx_cuda(Tensor dy, Tensor x, Tensor mean, Tensor scale, Tensor shift, "
-        "Tensor? residual, bool relu, Tensor a, Tensor k, Tensor c, bool need_dres) "
-        "-> (Tensor, Tensor)");
-}
+TORCH_LIBRARY(fastres, m) { FASTRES_DEFINE_BN_OPS(m); }
 
 // CPU tensors reach these ops only by mistake: say what to use instead of failing obscurely.
 namespace {

@@ -464,3 +464,150 @@ def test_bad_input_gets_a_clear_error(ext):
         ops.bn_apply_cuda(x, c, c, c, x[:1], True)
     with pytest.raises(RuntimeError, match="need CUDA tensors|is on cpu"):
         ops.bn_apply_cuda(x, c.cpu(), c, c, None, True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The CUDA kernels and their host code on CPU, through the test-only emulator in csrc/emulator/
+# (std::threads for CUDA threads). Opt-in (FASTRES_EMULATE_CUDA=1): it compiles the extension once
+# more as plain C++ (about a minute). Checked against TorchBackend by the tolerance rule at kernel
+# level: err(kernel vs fp64 TorchBackend) <= 2 * err(fp32 TorchBackend vs fp64) + floor.
+
+emulated = pytest.mark.skipif(os.environ.get("FASTRES_EMULATE_CUDA") != "1",
+                              reason="set FASTRES_EMULATE_CUDA=1 to run the CUDA kernels on the CPU "
+                                     "emulator (builds csrc/emulator/, about a minute)")
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from torch.utils import cpp_extension
+
+    cpp_extension.load(name="fastres_cuda_emulator",
+                       sources=[os.path.join(ROOT, "csrc", "emulator", "emulator.cpp")],
+                       extra_cflags=["-O1", "-g0"], extra_include_paths=[os.path.join(ROOT, "csrc")],
+                       is_python_module=False)
+    return torch.ops.fastres_emu
+
+
+EMU_SHAPES = ((2, 5, 3, 3), (2, 16, 4, 4), (3, 8, 3, 5), (4, 24, 1, 1), (1, 32, 7, 7),
+              (2, 12, 6, 6), (4, 64, 9, 9), (2, 16, 8, 8), (3, 1, 5, 5))
+
+
+def _emu_inputs(shape, dtype, layout, misalign=False, special=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+
+    def make(scale=1.0, offset=0.0):
+        t = torch.randn(shape, generator=g) * scale + offset
+        if misalign:  # a data pointer off the 16-byte grid: the scalar path must take it
+            flat = torch.empty(t.numel() + 1, dtype=dtype)
+            v = flat[1:].view(tuple(t.permute(0, 2, 3, 1).shape) if layout == "nhwc" else shape)
+            v = v.permute(0, 3, 1, 2) if layout == "nhwc" else v
+            v.copy_(t)
+            assert v.is_contiguous(memory_format=fmt) and v.data_ptr() % 16 != 0
+            return v
+        return t.to(dtype).contiguous(memory_format=fmt)
+
+    x = make(2.0, 1e3 if special == "large_mean" else 0.5)
+    if special == "nonfinite":
+        x[0, 0, 0, 0] = float("nan")
+        if shape[1] > 1:
+            x[-1, 1, -1, -1] = float("inf")
+    c = shape[1]
+    per_channel = [torch.randn(c, generator=g) for _ in range(5)]
+    mean = x.float().mean(dim=(0, 2, 3)).nan_to_num(0.0, 0.0, 0.0) + per_channel[0] * 0.1
+    scale = torch.rand(c, generator=g) + 0.5
+    return x, make(), make(), mean.contiguous(), scale, *per_channel[1:]
+
+
+def _rule(name, got, fp32, ref, floor, exact_nan=True):
+    assert got.shape == ref.shape and got.dtype == fp32.dtype, name
+    if exact_nan:
+        assert torch.equal(torch.isnan(got), torch.isnan(fp32)), f"{name}: NaN positions differ"
+    assert torch.equal(torch.isfinite(got), torch.isfinite(fp32)), f"{name}: Inf/NaN positions differ"
+    e_got, e_fp32 = _err(got, ref), _err(fp32, ref)
+    assert e_got <= 2 * e_fp32 + floor, f"{name}: err {e_got:.3e} > 2 * {e_fp32:.3e} + {floor:.1e}"
+
+
+def _finite_abs(t):
+    t = t.double().abs()
+    return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
+
+
+def _sum_floor(terms):
+    """eps32 * max_c sum|terms|: the rounding floor of an fp32 reduction. CPU torch reduces more
+    accurately than eager CUDA (pairwise, vectorised); this floor stands in for that difference."""
+    return torch.finfo(torch.float32).eps * _finite_abs(terms).sum(dim=(0, 2, 3)).max().item()
+
+
+def _emu_check(emu, x, res, dy, mean, scale, shift, a, k, c, dtype):
+    from fastres.ops.batch_norm_act import TorchBackend as TB
+
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    eps32 = torch.finfo(torch.float32).eps
+    m, m2 = emu.bn_stats_cuda(x)
+    m_ref, m2_ref = TB.batch_stats(d(x))
+    m_32, m2_32 = TB.batch_stats(x)
+    x_max = _finite_abs(x).max().item()
+    # A channel holding +Inf: Welford's merge gives NaN (as eager CUDA's Welford does), a sum Inf.
+    _rule("mean", m, m_32, m_ref, 2 * eps32 * x_max, exact_nan=False)
+    # fp32 Welford rounds x - mean at the ulp of |x|: the floor of a stable fp32 variance.
+    _rule("m2", m2, m2_32, m2_ref, 2 * x_max * _sum_floor(d(x) - m_ref.view(1, -1, 1, 1)))
+    xc = d(x) - d(mean).view(1, -1, 1, 1)
+    for r, relu in ((None, False), (None, True), (res, True), (res, False)):
+        y = emu.bn_apply_cuda(x, mean, scale, shift, r, relu)
+        y_32 = TB.apply(x, mean, scale, shift, r, relu)
+        y_ref = TB.apply(d(x), d(mean), d(scale), d(shift), d(r), relu)
+        assert y.stride() == y_32.stride(), "apply: output layout differs from x's"
+        _rule("y", y, y_32, y_ref, _floor(dtype, y_ref))
+        s1, s2 = emu.bn_backward_reduce_cuda(dy, x, mean, scale, shift, r, relu)
+        t1, t2 = TB.backward_reduce(dy, x, mean, scale, shift, r, relu)
+        u1, u2 = TB.backward_reduce(d(dy), d(x), d(mean), d(scale), d(shift), d(r), relu)
+        _rule("sum_dy", s1, t1, u1, _sum_floor(dy))
+        _rule("sum_dy_xc", s2, t2, u2, _sum_floor(d(dy) * xc))
+        for need_dres in (False, True):
+            dx, dres = emu.bn_backward_dx_cuda(dy, x, mean, scale, shift, r, relu, a, k, c,
+                                               need_dres)
+            dx_32, dres_32 = TB.backward_dx(dy, x, mean, scale, shift, r, relu, a, k, c, need_dres)
+            dx_ref, _ = TB.backward_dx(d(dy), d(x), d(mean), d(scale), d(shift), d(r), relu, d(a),
+                                       d(k), d(c), False)
+            assert dx.stride() == dx_32.stride(), "dx: output layout differs from x's"
+            _rule("dx", dx, dx_32, dx_ref, _floor(dtype, dx_ref))
+            if need_dres:
+                assert dres.stride() == dx_32.stride() and torch.equal(dres, dres_32), "dresidual"
+            else:
+                assert dres.numel() == 0
+
+
+@emulated
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_kernels_match_torch_backend(emu, dtype, layout):
+    for shape in EMU_SHAPES:
+        _emu_check(emu, *_emu_inputs(shape, dtype, layout), dtype)
+
+
+@emulated
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_kernels_special_inputs(emu, dtype, layout):
+    for shape in ((2, 16, 4, 4), (2, 5, 3, 3)):
+        _emu_check(emu, *_emu_inputs(shape, dtype, layout, misalign=True), dtype)
+        _emu_check(emu, *_emu_inputs(shape, dtype, layout, special="large_mean"), dtype)
+        _emu_check(emu, *_emu_inputs(shape, dtype, layout, special="nonfinite"), dtype)
+
+
+@emulated
+def test_emulated_kernels_are_deterministic_and_handle_empty(emu):
+    x, res, dy, mean, scale, shift, a, k, c = _emu_inputs((8, 64, 9, 9), torch.bfloat16, "nhwc")
+    for _ in range(2):
+        first = [*emu.bn_stats_cuda(x), *emu.bn_backward_reduce_cuda(dy, x, mean, scale, shift, res,
+                                                                    True)]
+        second = [*emu.bn_stats_cuda(x), *emu.bn_backward_reduce_cuda(dy, x, mean, scale, shift,
+                                                                     res, True)]
+        assert all(torch.equal(p, q) for p, q in zip(first, second))
+    empty = torch.empty(0, 4, 3, 3)
+    m, m2 = emu.bn_stats_cuda(empty)
+    assert torch.isnan(m).all() and torch.isnan(m2).all()
+    s1, s2 = emu.bn_backward_reduce_cuda(empty, empty, *[torch.zeros(4)] * 3, None, True)
+    assert torch.equal(s1, torch.zeros(4)) and torch.equal(s2, torch.zeros(4))
+    assert emu.bn_apply_cuda(empty, *[torch.zeros(4)] * 3, None, True).shape == empty.shape

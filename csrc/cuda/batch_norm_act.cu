@@ -30,12 +30,21 @@
 // Every kernel runs on the current stream and every launch is checked. Offsets are int64.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#ifndef FASTRES_EMULATE
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include <cuda_runtime.h>
+#define FASTRES_DISPATCH_KEY CUDA
+#define FASTRES_OPS_NAMESPACE fastres
+#else
+// Test-only: csrc/emulator/ compiles this file as plain C++ that runs each thread block on CPU threads
+// (see csrc/emulator/cuda_emulation.h), registered for CPU tensors as torch.ops.fastres_emu.*.
+#define FASTRES_DISPATCH_KEY CPU
+#define FASTRES_OPS_NAMESPACE fastres_emu
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -560,7 +569,9 @@ struct Geometry {
 };
 
 Geometry geometry_of(const at::Tensor& x, const char* op) {
+#ifndef FASTRES_EMULATE
   TORCH_CHECK(x.is_cuda(), "fastres::", op, ": x must be a CUDA tensor, got one on ", x.device());
+#endif
   TORCH_CHECK(x.dim() == 4, "fastres::", op, ": x must be 4-D (N, C, H, W), got ", x.dim(),
               "-D with shape ", x.sizes());
   const auto dtype = x.scalar_type();
@@ -628,9 +639,13 @@ bool can_vectorize(const Geometry& g, std::initializer_list<const void*> ptrs) {
 }
 
 int sm_count(const at::Tensor& x) {
+#ifndef FASTRES_EMULATE
   int count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, x.get_device()));
   return count;
+#else
+  return fastres_emulation::kSmCount;
+#endif
 }
 
 // Blocks resident at once on the device (kThreads-thread blocks): the target grid size.
@@ -683,14 +698,28 @@ Splits reduction_splits(int64_t units, int64_t min_units_per_split, int64_t bloc
   return {ceil_div(units, per), per};
 }
 
+// Launches on the current stream and checks the launch. Arguments convert to the kernel's parameter
+// types (the CPU emulator in csrc/emulator/ provides its own launch_kernel).
+#ifndef FASTRES_EMULATE
+#define FASTRES_DEVICE_GUARD_AND_STREAM(x)      \
+  c10::cuda::CUDAGuard device_guard((x).device()); \
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream()
+
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
+                   Args... args) {
+  kernel<<<grid, block, 0, stream>>>(static_cast<Params>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
+
 // ------------------------------------------------------------------------------------------------
 // The ops.
 
 std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x) {
   const char* op = "bn_stats_cuda";
   const Geometry g = geometry_of(x, op);
-  c10::cuda::CUDAGuard guard(x.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  FASTRES_DEVICE_GUARD_AND_STREAM(x);
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor mean = at::empty({g.C}, f32), m2 = at::empty({g.C}, f32);
   if (g.C == 0) return {mean, m2};
@@ -712,13 +741,10 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x) {
       const dim3 grid(tiles, splits.count);
       float* pm = part.data_ptr<float>();
       float* pq = pm + splits.count * g.C;
-      if (vec)
-        stats_channels_last_kernel<T, vec_width<T>()><<<grid, block, 0, stream>>>(
+      auto* kernel = vec ? &stats_channels_last_kernel<T, vec_width<T>()>
+                         : &stats_channels_last_kernel<T, 1>;
+      launch_kernel(kernel, grid, block, stream,
             x.const_data_ptr<T>(), g.rows(), g.C, splits.units_per_split, pm, pq);
-      else
-        stats_channels_last_kernel<T, 1><<<grid, block, 0, stream>>>(
-            x.const_data_ptr<T>(), g.rows(), g.C, splits.units_per_split, pm, pq);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       const int vw = vec ? vec_width<T>() : 1;
       const dim3 block(1, std::min<int64_t>(kThreads, std::max<int64_t>(32, next_pow2(g.HW / vw))));
@@ -729,20 +755,16 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x) {
       const dim3 grid(g.C, splits.count);
       float* pm = part.data_ptr<float>();
       float* pq = pm + splits.count * g.C;
-      if (vec)
-        stats_planar_kernel<T, vec_width<T>()><<<grid, block, 0, stream>>>(
+      auto* kernel = vec ? &stats_planar_kernel<T, vec_width<T>()>
+                         : &stats_planar_kernel<T, 1>;
+      launch_kernel(kernel, grid, block, stream,
             x.const_data_ptr<T>(), g.N, g.C, g.HW, splits.units_per_split, pm, pq);
-      else
-        stats_planar_kernel<T, 1><<<grid, block, 0, stream>>>(
-            x.const_data_ptr<T>(), g.N, g.C, g.HW, splits.units_per_split, pm, pq);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
   const float* pm = part.const_data_ptr<float>();
-  stats_finalize_kernel<<<ceil_div(g.C, kThreads), kThreads, 0, stream>>>(
+  launch_kernel(&stats_finalize_kernel, dim3(ceil_div(g.C, kThreads)), dim3(kThreads), stream,
       pm, pm + splits.count * g.C, splits.count, g.C, total_units, splits.units_per_split,
       unit_size, mean.data_ptr<float>(), m2.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {mean, m2};
 }
 
@@ -755,8 +777,7 @@ at::Tensor bn_apply_cuda(const at::Tensor& x, const at::Tensor& mean, const at::
   check_per_channel(scale, x, g, op, "scale");
   check_per_channel(shift, x, g, op, "shift");
   if (residual.has_value()) check_like_x(*residual, x, g, op, "residual");
-  c10::cuda::CUDAGuard guard(x.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  FASTRES_DEVICE_GUARD_AND_STREAM(x);
   at::Tensor y = at::empty(x.sizes(), x.options(), g.format);
   if (x.numel() == 0) return y;
   const int64_t wave = full_wave(x);
@@ -772,12 +793,9 @@ at::Tensor bn_apply_cuda(const at::Tensor& x, const at::Tensor& mean, const at::
           {ceil_div(g.rows(), int64_t(block.y) * kUnroll), std::max<int64_t>(1, wave / tiles),
            kMaxGridY});
       const dim3 grid(tiles, row_blocks);
-      if (vec)
-        apply_channels_last_kernel<T, vec_width<T>()><<<grid, block, 0, stream>>>(
-            x.const_data_ptr<T>(), r, mean.const_data_ptr<float>(), scale.const_data_ptr<float>(),
-            shift.const_data_ptr<float>(), relu, g.rows(), g.C, y.data_ptr<T>());
-      else
-        apply_channels_last_kernel<T, 1><<<grid, block, 0, stream>>>(
+      auto* kernel = vec ? &apply_channels_last_kernel<T, vec_width<T>()>
+                         : &apply_channels_last_kernel<T, 1>;
+      launch_kernel(kernel, grid, block, stream,
             x.const_data_ptr<T>(), r, mean.const_data_ptr<float>(), scale.const_data_ptr<float>(),
             shift.const_data_ptr<float>(), relu, g.rows(), g.C, y.data_ptr<T>());
     } else {
@@ -786,16 +804,12 @@ at::Tensor bn_apply_cuda(const at::Tensor& x, const at::Tensor& mean, const at::
       const int64_t chunks = std::min<int64_t>(ceil_div(g.HW, threads * vw * kUnroll), kMaxGridY);
       const int64_t chunk = ceil_div(ceil_div(g.HW, chunks), vw) * vw;  // keeps vectors whole
       const dim3 grid(g.N * g.C, ceil_div(g.HW, chunk));
-      if (vec)
-        apply_planar_kernel<T, vec_width<T>()><<<grid, threads, 0, stream>>>(
-            x.const_data_ptr<T>(), r, mean.const_data_ptr<float>(), scale.const_data_ptr<float>(),
-            shift.const_data_ptr<float>(), relu, g.C, g.HW, chunk, y.data_ptr<T>());
-      else
-        apply_planar_kernel<T, 1><<<grid, threads, 0, stream>>>(
+      auto* kernel = vec ? &apply_planar_kernel<T, vec_width<T>()>
+                         : &apply_planar_kernel<T, 1>;
+      launch_kernel(kernel, grid, threads, stream,
             x.const_data_ptr<T>(), r, mean.const_data_ptr<float>(), scale.const_data_ptr<float>(),
             shift.const_data_ptr<float>(), relu, g.C, g.HW, chunk, y.data_ptr<T>());
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;
 }
@@ -810,8 +824,7 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cuda(
   check_per_channel(scale, x, g, op, "scale");
   check_per_channel(shift, x, g, op, "shift");
   if (residual.has_value()) check_like_x(*residual, x, g, op, "residual");
-  c10::cuda::CUDAGuard guard(x.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  FASTRES_DEVICE_GUARD_AND_STREAM(x);
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor sum_dy = at::empty({g.C}, f32), sum_dy_xc = at::empty({g.C}, f32);
   if (g.C == 0) return {sum_dy, sum_dy_xc};
@@ -833,13 +846,9 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cuda(
       const dim3 grid(tiles, splits.count);
       float* pa = part.data_ptr<float>();
       float* pb = pa + splits.count * g.C;
-      if (vec)
-        backward_reduce_channels_last_kernel<T, vec_width<T>()><<<grid, block, 0, stream>>>(
-            dy.const_data_ptr<T>(), x.const_data_ptr<T>(), r, mean.const_data_ptr<float>(),
-            scale.const_data_ptr<float>(), shift.const_data_ptr<float>(), relu, g.rows(), g.C,
-            splits.units_per_split, pa, pb);
-      else
-        backward_reduce_channels_last_kernel<T, 1><<<grid, block, 0, stream>>>(
+      auto* kernel = vec ? &backward_reduce_channels_last_kernel<T, vec_width<T>()>
+                         : &backward_reduce_channels_last_kernel<T, 1>;
+      launch_kernel(kernel, grid, block, stream,
             dy.const_data_ptr<T>(), x.const_data_ptr<T>(), r, mean.const_data_ptr<float>(),
             scale.const_data_ptr<float>(), shift.const_data_ptr<float>(), relu, g.rows(), g.C,
             splits.units_per_split, pa, pb);
@@ -852,24 +861,18 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cuda(
       const dim3 grid(g.C, splits.count);
       float* pa = part.data_ptr<float>();
       float* pb = pa + splits.count * g.C;
-      if (vec)
-        backward_reduce_planar_kernel<T, vec_width<T>()><<<grid, block, 0, stream>>>(
-            dy.const_data_ptr<T>(), x.const_data_ptr<T>(), r, mean.const_data_ptr<float>(),
-            scale.const_data_ptr<float>(), shift.const_data_ptr<float>(), relu, g.N, g.C, g.HW,
-            splits.units_per_split, pa, pb);
-      else
-        backward_reduce_planar_kernel<T, 1><<<grid, block, 0, stream>>>(
+      auto* kernel = vec ? &backward_reduce_planar_kernel<T, vec_width<T>()>
+                         : &backward_reduce_planar_kernel<T, 1>;
+      launch_kernel(kernel, grid, block, stream,
             dy.const_data_ptr<T>(), x.const_data_ptr<T>(), r, mean.const_data_ptr<float>(),
             scale.const_data_ptr<float>(), shift.const_data_ptr<float>(), relu, g.N, g.C, g.HW,
             splits.units_per_split, pa, pb);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   const float* pa = part.const_data_ptr<float>();
-  sum_finalize_kernel<<<ceil_div(g.C, kThreads), kThreads, 0, stream>>>(
+  launch_kernel(&sum_finalize_kernel, dim3(ceil_div(g.C, kThreads)), dim3(kThreads), stream,
       pa, pa + splits.count * g.C, splits.count, g.C, sum_dy.data_ptr<float>(),
       sum_dy_xc.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {sum_dy, sum_dy_xc};
 }
 
@@ -887,8 +890,7 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_dx_cuda(
   check_per_channel(k, x, g, op, "k");
   check_per_channel(c, x, g, op, "c");
   if (residual.has_value()) check_like_x(*residual, x, g, op, "residual");
-  c10::cuda::CUDAGuard guard(x.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  FASTRES_DEVICE_GUARD_AND_STREAM(x);
   at::Tensor dx = at::empty(x.sizes(), x.options(), g.format);
   at::Tensor dres = need_dres ? at::empty(x.sizes(), x.options(), g.format) : at::empty({0}, x.options());
   if (x.numel() == 0) return {dx, dres};
@@ -907,14 +909,9 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_dx_cuda(
           {ceil_div(g.rows(), int64_t(block.y) * kUnroll), std::max<int64_t>(1, wave / tiles),
            kMaxGridY});
       const dim3 grid(tiles, row_blocks);
-      if (vec)
-        backward_dx_channels_last_kernel<T, vec_width<T>()><<<grid, block, 0, stream>>>(
-            dy.const_data_ptr<T>(), x.const_data_ptr<T>(), r, mean.const_data_ptr<float>(),
-            scale.const_data_ptr<float>(), shift.const_data_ptr<float>(), relu,
-            a.const_data_ptr<float>(), k.const_data_ptr<float>(), c.const_data_ptr<float>(),
-            g.rows(), g.C, dx.data_ptr<T>(), dres_ptr);
-      else
-        backward_dx_channels_last_kernel<T, 1><<<grid, block, 0, stream>>>(
+      auto* kernel = vec ? &backward_dx_channels_last_kernel<T, vec_width<T>()>
+                         : &backward_dx_channels_last_kernel<T, 1>;
+      launch_kernel(kernel, grid, block, stream,
             dy.const_data_ptr<T>(), x.const_data_ptr<T>(), r, mean.const_data_ptr<float>(),
             scale.const_data_ptr<float>(), shift.const_data_ptr<float>(), relu,
             a.const_data_ptr<float>(), k.const_data_ptr<float>(), c.const_data_ptr<float>(),
@@ -925,20 +922,14 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_dx_cuda(
       const int64_t chunks = std::min<int64_t>(ceil_div(g.HW, threads * vw * kUnroll), kMaxGridY);
       const int64_t chunk = ceil_div(ceil_div(g.HW, chunks), vw) * vw;
       const dim3 grid(g.N * g.C, ceil_div(g.HW, chunk));
-      if (vec)
-        backward_dx_planar_kernel<T, vec_width<T>()><<<grid, threads, 0, stream>>>(
-            dy.const_data_ptr<T>(), x.const_data_ptr<T>(), r, mean.const_data_ptr<float>(),
-            scale.const_data_ptr<float>(), shift.const_data_ptr<float>(), relu,
-            a.const_data_ptr<float>(), k.const_data_ptr<float>(), c.const_data_ptr<float>(), g.C,
-            g.HW, chunk, dx.data_ptr<T>(), dres_ptr);
-      else
-        backward_dx_planar_kernel<T, 1><<<grid, threads, 0, stream>>>(
+      auto* kernel = vec ? &backward_dx_planar_kernel<T, vec_width<T>()>
+                         : &backward_dx_planar_kernel<T, 1>;
+      launch_kernel(kernel, grid, threads, stream,
             dy.const_data_ptr<T>(), x.const_data_ptr<T>(), r, mean.const_data_ptr<float>(),
             scale.const_data_ptr<float>(), shift.const_data_ptr<float>(), relu,
             a.const_data_ptr<float>(), k.const_data_ptr<float>(), c.const_data_ptr<float>(), g.C,
             g.HW, chunk, dx.data_ptr<T>(), dres_ptr);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {dx, dres};
 }
@@ -946,7 +937,7 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_dx_cuda(
 }  // namespace
 }  // namespace fastres
 
-TORCH_LIBRARY_IMPL(fastres, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTRES_OPS_NAMESPACE, FASTRES_DISPATCH_KEY, m) {
   m.impl("bn_stats_cuda", &fastres::bn_stats_cuda);
   m.impl("bn_apply_cuda", &fastres::bn_apply_cuda);
   m.impl("bn_backward_reduce_cuda", &fastres::bn_backward_reduce_cuda);
