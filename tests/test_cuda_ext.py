@@ -18,10 +18,11 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastres
 from fastres import _toolkit, backend
+from helpers import FLOOR_EPS, make_case, max_err, run_three
+from helpers import assert_rule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = ("bn_stats_cuda", "bn_apply_cuda", "bn_backward_reduce_cuda", "bn_backward_dx_cuda")
@@ -239,149 +240,116 @@ def _err(a, ref):
     return (a[finite] - ref[finite]).abs().max().item() if finite.any() else 0.0
 
 
-def assert_rule(name, fused, eager, ref, exact_nan=True):
-    """err(fused vs fp64 reference) <= 2 * err(eager vs reference) + floor; non-finite where eager is."""
-    assert fused.shape == eager.shape == ref.shape, name
-    if exact_nan:
-        assert torch.equal(torch.isnan(fused), torch.isnan(eager)), f"{name}: NaN positions differ"
-    assert torch.equal(torch.isfinite(fused), torch.isfinite(eager)), f"{name}: Inf/NaN positions differ"
-    inf = torch.isinf(eager)
-    assert torch.equal(fused[inf], eager[inf]), f"{name}: infinities differ"
-    e_fused, e_eager = _err(fused, ref), _err(eager, ref)
-    floor = _floor(fused.dtype, ref.double())
-    assert e_fused <= 2 * e_eager + floor, (
-        f"{name}: err {e_fused:.3e} > 2 * eager err {e_eager:.3e} + floor {floor:.1e}")
-    return e_fused, e_eager, floor
-
-
-def _make_inputs(shape, dtype, layout, residual, special=None, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    n, c, h, w = shape
-    x = torch.randn(shape, device="cuda", generator=g) * 2 + 0.5
-    if special == "large_mean":
-        x = x + 1e3
-    if special == "nonfinite":
-        x[0, 0, 0, 0] = float("nan")
-        if c > 1:
-            x[-1, 1, -1, -1] = float("inf")
-    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
-    x = x.to(dtype).contiguous(memory_format=fmt)
-    weight = torch.rand(c, device="cuda", generator=g) + 0.5
-    bias = torch.randn(c, device="cuda", generator=g)
-    rm = torch.randn(c, device="cuda", generator=g) * 0.1
-    rv = torch.rand(c, device="cuda", generator=g) + 0.5
-    res = None
-    if residual:
-        res = torch.randn(shape, device="cuda", generator=g).to(dtype).contiguous(memory_format=fmt)
-    gy = torch.randn(shape, device="cuda", generator=g).to(dtype).contiguous(memory_format=fmt)
-    return x, weight, bias, rm, rv, res, gy
-
-
-def _run(impl, x, weight, bias, rm, rv, res, gy, training, relu, to=None):
-    """Forward + backward; impl is a backend name, or "eager" (torch.nn.functional)."""
-    cast = (lambda t: t) if to is None else (lambda t: None if t is None else t.to(to))
-    x = cast(x).detach().requires_grad_()
-    w, b = cast(weight).detach().requires_grad_(), cast(bias).detach().requires_grad_()
-    rm, rv = cast(rm).clone(), cast(rv).clone()
-    r = None if res is None else cast(res).detach().requires_grad_()
-    if impl == "eager":
-        y = F.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5)
-        if r is not None:
-            y = y + r
-        if relu:
-            y = torch.relu(y)
-    else:
-        with fastres.use_backend(impl):
-            y = fastres.functional.batch_norm_act(x, rm, rv, w, b, training, 0.1, 1e-5, residual=r,
-                                                  activation="relu" if relu else None)
-    y.backward(cast(gy))
-    torch.cuda.synchronize()
-    out = {"y": y, "dx": x.grad, "dweight": w.grad, "dbias": b.grad, "running_mean": rm,
-           "running_var": rv}
-    if r is not None:
-        out["dresidual"] = r.grad
-    return {k: v.detach() for k, v in out.items()}
-
-
 def _triton_available():
-    try:
-        importlib.import_module("fastres.triton.batch_norm_act")
-    except ImportError:
-        return False
     return backend.backend_status()["triton"][0]
 
 
-def _check_case(shape, dtype, layout, residual, relu, training, special=None):
-    inputs = _make_inputs(shape, dtype, layout, residual, special)
-    cuda = _run("cuda", *inputs, training, relu)
-    eager = _run("eager", *inputs, training, relu)
-    ref = _run("eager", *inputs, training, relu, to=torch.float64)
-    for name in cuda:
-        exact_nan = not name.startswith("running")  # Welford order decides NaN vs Inf there
-        fused = cuda[name]
-        if name in ("y", "dx", "dresidual"):
-            fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
-            assert fused.is_contiguous(memory_format=fmt), f"{name} lost the input's layout"
-            assert fused.dtype == dtype
-        assert_rule(name, fused, eager[name], ref[name], exact_nan)
+NAMES = ("output", "grad_input", "grad_weight", "grad_bias", "grad_residual")
+
+
+def _check_case(shape, dtype, channels_last, residual, relu, training, mean=0.0, nonfinite=False):
+    """cuda vs eager by the tolerance rule (tests/helpers.py), and vs triton when it runs here."""
+    x, kw = make_case(shape, dtype, device="cuda", channels_last=channels_last, residual=residual,
+                      mean=mean, seed=sum(shape))
+    if nonfinite:
+        x = x.clone()
+        x[0, 0, 0, 0] = float("nan")
+        x[-1, shape[1] - 1, -1, -1] = float("inf")
+    args = dict(training=training, activation="relu" if relu else None, **kw)
+    with fastres.use_backend("cuda"):
+        res = run_three(x, **args)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for i, t in enumerate(res["fused"]):
+        if t.dim() == 4:  # output, grad_input, grad_residual
+            assert t.is_contiguous(memory_format=fmt), f"item {i} lost the input's layout"
+    n_stats = 2  # running_mean, running_var come last
+    for i, (f, e, r) in enumerate(zip(res["fused"], res["eager"], res["ref"])):
+        if nonfinite and i >= len(res["fused"]) - n_stats:
+            # Welford's merge order decides NaN or Inf for a channel holding Inf: both non-finite.
+            assert torch.equal(torch.isfinite(f), torch.isfinite(e)), f"{shape} stats item {i}"
+            continue
+        assert_rule(f, e, r, name=f"cuda {shape} {dtype} item {i}")
     if _triton_available():
-        triton = _run("triton", *inputs, training, relu)
-        for name in cuda:
-            exact_nan = not name.startswith("running")
-            _, e_e, floor = assert_rule(f"triton {name}", triton[name], eager[name], ref[name],
-                                        exact_nan)
-            # Both within the rule of the reference, hence within twice of each other.
-            assert _err(cuda[name], triton[name]) <= 4 * e_e + 2 * floor, f"cuda vs triton: {name}"
+        with fastres.use_backend("triton"):
+            tri = run_three(x, **args)
+        for i, (c, t, e, r) in enumerate(zip(res["fused"], tri["fused"], res["eager"], res["ref"])):
+            if nonfinite and i >= len(res["fused"]) - n_stats:
+                continue
+            # Both within the rule of the fp64 reference, hence within twice of each other.
+            finite = torch.isfinite(e)
+            scale = max(r[finite].double().abs().max().item(), 1e-3) if finite.any() else 1.0
+            floor = 8 * FLOOR_EPS[e.dtype] * scale
+            assert max_err(c[finite], t[finite]) <= 4 * max_err(e, r) + 2 * floor, (
+                f"cuda vs triton {shape} {dtype} item {i}")
+
+
+# The foundation's GPU tests (tests/test_batch_norm_act.py) once more, with the cuda backend.
+from test_batch_norm_act import test_gpu_cuda_graph_capture  # noqa: E402,F401
+from test_batch_norm_act import test_gpu_equivalence  # noqa: E402,F401
+from test_batch_norm_act import test_gpu_int64_offsets  # noqa: E402,F401
+from test_batch_norm_act import test_gpu_large_mean_and_determinism  # noqa: E402,F401
+
+
+@pytest.fixture(name="backend")
+def cuda_backend_for_foundation_tests(ext):
+    """The backend the imported foundation tests run with."""
+    with fastres.use_backend("cuda"):
+        yield "cuda"
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_cuda_matches_eager_and_triton(ext, shape, dtype, layout):
+def test_cuda_matches_eager_and_triton(ext, shape, dtype, channels_last):
     for residual, relu, training in itertools.product((False, True), (False, True), (True, False)):
-        _check_case(shape, dtype, layout, residual, relu, training)
+        _check_case(shape, dtype, channels_last, residual, relu, training)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("special", ["large_mean", "nonfinite"])
-@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_special_values(ext, dtype, layout, special):
+def test_cuda_large_mean_and_nonfinite(ext, dtype, channels_last):
     for shape in ((4, 16, 5, 5), (2, 5, 3, 3)):
-        for residual, relu in ((False, True), (True, True), (False, False)):
-            _check_case(shape, dtype, layout, residual, relu, True, special)
-            _check_case(shape, dtype, layout, residual, relu, False, special)
+        for residual, relu, training in ((False, True, True), (True, True, True),
+                                         (True, True, False), (False, False, True)):
+            _check_case(shape, dtype, channels_last, residual, relu, training, mean=1e3)
+            _check_case(shape, dtype, channels_last, residual, relu, training, nonfinite=True)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_is_bitwise_deterministic(ext, dtype, layout):
-    inputs = _make_inputs((32, 256, 14, 14), dtype, layout, residual=True, seed=3)
-    first = _run("cuda", *inputs, True, True)
-    second = _run("cuda", *inputs, True, True)
-    for name in first:
-        assert torch.equal(first[name], second[name]), f"{name} differs between two runs"
+def test_cuda_is_bitwise_deterministic(ext, dtype, channels_last):
+    x, kw = make_case((32, 256, 14, 14), dtype, device="cuda", channels_last=channels_last,
+                      residual=True, seed=3)
+    with fastres.use_backend("cuda"):
+        first, second = run_three(x, **kw)["fused"], run_three(x, **kw)["fused"]
+    for i, (u, v) in enumerate(zip(first, second)):
+        assert torch.equal(u, v), f"item {i} differs between two runs"
 
 
 def _kernel_inputs(shape, dtype, layout, misalign=False):
-    x, weight, bias, rm, rv, res, gy = _make_inputs(shape, dtype, layout, residual=True, seed=7)
-    if misalign:  # views whose data pointer is not 16-byte aligned: the scalar path must take them
-        def shifted(t):
-            fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
-            flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-            out = flat[1:].view(t.permute(0, 2, 3, 1).shape if layout == "nhwc" else t.shape)
-            out = out.permute(0, 3, 1, 2) if layout == "nhwc" else out
-            out.copy_(t)
-            assert out.is_contiguous(memory_format=fmt) and out.data_ptr() % 16 != 0
-            return out
-        x, res, gy = shifted(x), shifted(res), shifted(gy)
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    g = torch.Generator().manual_seed(7)
+
+    def make():
+        t = torch.randn(shape, generator=g).to(dtype).cuda().contiguous(memory_format=fmt)
+        if not misalign:
+            return t
+        # A view whose data pointer is off the 16-byte grid: the scalar path must take it.
+        flat = torch.empty(t.numel() + 1, dtype=dtype, device="cuda")
+        out = flat[1:].view(t.permute(0, 2, 3, 1).shape if layout == "nhwc" else t.shape)
+        out = out.permute(0, 3, 1, 2) if layout == "nhwc" else out
+        out.copy_(t)
+        assert out.is_contiguous(memory_format=fmt) and out.data_ptr() % 16 != 0
+        return out
+
+    x, res, gy = make(), make(), make()
     c = shape[1]
-    mean = torch.randn(c, device="cuda")
-    scale, shift = torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda")
-    a, k, cc = torch.randn(c, device="cuda"), torch.randn(c, device="cuda"), torch.randn(c, device="cuda")
-    return x, res, gy, mean, scale, shift, a, k, cc
+    per_channel = [torch.randn(c, generator=g).cuda() for _ in range(5)]
+    scale = torch.rand(c, generator=g).cuda() + 0.5
+    return x, res, gy, per_channel[0], scale, *per_channel[1:]
 
 
 @pytest.mark.gpu
