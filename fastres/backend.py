@@ -78,6 +78,12 @@ def load_extension(required: bool = False):
     return module
 
 
+def extension_status() -> tuple[bool, str]:
+    """(loaded, why) for the C++/CUDA extension fastres._C, whatever the device."""
+    module, why = _load_extension()
+    return module is not None, why
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_ext_status() -> tuple[bool, str]:
     module, why = _load_extension()

@@ -6,8 +6,8 @@ import platform
 import torch
 
 import fastres
-from fastres.backend import AUTO_TABLE_DEVICE, backend_status, get_backend, load_extension
-from fastres.backend import _load_extension
+from fastres.backend import (AUTO_TABLE_DEVICE, backend_status, extension_status, get_backend,
+                             load_extension)
 
 
 def info() -> str:
@@ -38,7 +38,7 @@ def _extension_line() -> str:
     """Whether the C++/CUDA extension fastres._C loaded, and why not."""
     module = load_extension()
     if module is None:
-        return f"fastres._C: not loaded: {_load_extension()[1]}"
+        return f"fastres._C: not loaded: {extension_status()[1]}"
     ops = sorted(n for n in ("bn_stats_cuda", "bn_apply_cuda", "bn_backward_reduce_cuda",
                              "bn_backward_dx_cuda") if hasattr(torch.ops.fastres, n))
     return f"fastres._C: loaded from {module.__file__} (ops: {', '.join(ops)})"

@@ -57,7 +57,7 @@ def ext():
         why_absent = _expect_built()
         if why_absent is None:
             pytest.fail("a CUDA toolkit is present, so setup.py builds fastres._C, but it did not "
-                        f"load: {backend._load_extension()[1]}")
+                        f"load: {backend.extension_status()[1]}")
         pytest.skip(f"fastres._C is not built: {why_absent}")
     return module
 
