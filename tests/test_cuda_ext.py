@@ -436,8 +436,8 @@ def test_bad_input_gets_a_clear_error(ext):
 
 # --------------------------------------------------------------------------------------------------
 # The CUDA kernels and their host code on CPU, through the test-only emulator in csrc/emulator/
-# (std::threads for CUDA threads). Opt-in (FASTRES_EMULATE_CUDA=1): it compiles the extension once
-# more as plain C++ (about a minute). Checked against TorchBackend by the tolerance rule at kernel
+# (ucontext fibers for CUDA threads, one OS thread). Opt-in (FASTRES_EMULATE_CUDA=1): it compiles
+# the extension once more as plain C++ (about a minute). Checked against TorchBackend by the tolerance rule at kernel
 # level: err(kernel vs fp64 TorchBackend) <= 2 * err(fp32 TorchBackend vs fp64) + floor.
 
 emulated = pytest.mark.skipif(os.environ.get("FASTRES_EMULATE_CUDA") != "1",
@@ -562,6 +562,15 @@ def test_emulated_kernels_special_inputs(emu, dtype, layout):
         _emu_check(emu, *_emu_inputs(shape, dtype, layout, misalign=True), dtype)
         _emu_check(emu, *_emu_inputs(shape, dtype, layout, special="large_mean"), dtype)
         _emu_check(emu, *_emu_inputs(shape, dtype, layout, special="nonfinite"), dtype)
+
+
+@emulated
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulated_more_splits_than_finalize_lanes(emu, dtype, monkeypatch):
+    # 5 "SMs": 40 blocks per wave, 34 (bf16) or 40 (fp32) row splits, over the 32 lanes per channel of
+    # the finalize kernels, so their strided loop and tree merge both run.
+    monkeypatch.setenv("FASTRES_EMULATE_SMS", "5")
+    _emu_check(emu, *_emu_inputs((4, 64, 33, 33), dtype, "nhwc"), dtype)
 
 
 @emulated

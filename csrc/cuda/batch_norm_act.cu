@@ -23,8 +23,9 @@
 // aligned; a scalar path (VEC = 1) otherwise.
 //
 // Determinism: reductions are two-stage. Each block merges its threads in a fixed tree order and
-// writes one partial per channel to a [splits, C] buffer; a finalize kernel merges the partials in
-// split order. The split count depends only on the shape and the device's SM count. No atomics.
+// writes one partial per channel to a [splits, C] buffer; a finalize kernel merges the partials in a
+// fixed order (strided per thread, then a fixed tree). The split count depends only on the shape
+// and the device's SM count. No atomics.
 // Statistics use Welford per thread and Chan's merge across threads and blocks (never sum x^2).
 //
 // Every kernel runs on the current stream and every launch is checked. Offsets are int64.
@@ -238,8 +239,10 @@ __global__ void stats_planar_kernel(const T* __restrict__ x, int64_t N, int64_t 
   }
 }
 
-// One thread per channel merges the splits in order. Split s holds
-// clamp(total_units - s * units_per_split, 0, units_per_split) * unit_size elements.
+// Merges the [splits, C] partials: a block takes blockDim.x channels; thread y merges the splits
+// s = y, y + blockDim.y, ... in order, then the block merges its threads in a fixed tree order (a
+// GPU-wide reduction over thousands of splits would be latency-bound with one thread per channel).
+// Split s holds min(units_per_split, total_units - s * units_per_split) * unit_size elements.
 // No elements: mean = m2 = NaN (as torch.var_mean of an empty tensor).
 __global__ void stats_finalize_kernel(const float* __restrict__ part_mean,
                                       const float* __restrict__ part_m2, int64_t splits, int64_t C,
@@ -247,28 +250,20 @@ __global__ void stats_finalize_kernel(const float* __restrict__ part_mean,
                                       int64_t unit_size, float* __restrict__ mean_out,
                                       float* __restrict__ m2_out) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  double n = 0.0;  // counts can pass 2^24
-  float mean = 0.f, m2 = 0.f;
-  for (int64_t s = 0; s < splits; ++s) {
-    const int64_t units = min64(units_per_split, total_units - s * units_per_split);
-    if (units <= 0) break;
-    const double n_b = double(units * unit_size);
-    const float mean_b = part_mean[s * C + c], m2_b = part_m2[s * C + c];
-    if (n == 0.0) {
-      mean = mean_b, m2 = m2_b, n = n_b;
-      continue;
+  float mean[1] = {0.f}, m2[1] = {0.f}, n = 0.f;
+  if (c < C) {
+#pragma unroll 4
+    for (int64_t s = threadIdx.y; s < splits; s += blockDim.y) {
+      const int64_t count = min64(units_per_split, total_units - s * units_per_split) * unit_size;
+      chan_merge(mean[0], m2[0], n, part_mean[s * C + c], part_m2[s * C + c], float(count));
     }
-    const double n_ab = n + n_b;
-    const float w_b = float(n_b / n_ab);
-    const float delta = mean_b - mean;
-    mean = fmaf(delta, w_b, mean);
-    m2 = m2 + m2_b + delta * delta * float(n * n_b / n_ab);
-    n = n_ab;
   }
-  if (n == 0.0) mean = m2 = __int_as_float(0x7fc00000);
-  mean_out[c] = mean;
-  m2_out[c] = m2;
+  block_merge_welford<1>(mean, m2, n);
+  if (threadIdx.y == 0 && c < C) {
+    if (n == 0.f) mean[0] = m2[0] = __int_as_float(0x7fc00000);
+    mean_out[c] = mean[0];
+    m2_out[c] = m2[0];
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -374,15 +369,24 @@ __global__ void backward_reduce_planar_kernel(
   }
 }
 
+// Sums the [splits, C] partials, blocked as stats_finalize_kernel.
 __global__ void sum_finalize_kernel(const float* __restrict__ part_a, const float* __restrict__ part_b,
                                     int64_t splits, int64_t C, float* __restrict__ a_out,
                                     float* __restrict__ b_out) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  float a = 0.f, b = 0.f;
-  for (int64_t s = 0; s < splits; ++s) a += part_a[s * C + c], b += part_b[s * C + c];
-  a_out[c] = a;
-  b_out[c] = b;
+  float a[1] = {0.f}, b[1] = {0.f};
+  if (c < C) {
+#pragma unroll 4
+    for (int64_t s = threadIdx.y; s < splits; s += blockDim.y) {
+      a[0] += part_a[s * C + c];
+      b[0] += part_b[s * C + c];
+    }
+  }
+  block_sum_columns<1>(a, b);
+  if (threadIdx.y == 0 && c < C) {
+    a_out[c] = a[0];
+    b_out[c] = b[0];
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -644,7 +648,7 @@ int sm_count(const at::Tensor& x) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, x.get_device()));
   return count;
 #else
-  return fastres_emulation::kSmCount;
+  return fastres_emulation::sm_count();
 #endif
 }
 
@@ -654,6 +658,12 @@ int64_t full_wave(const at::Tensor& x) { return int64_t(sm_count(x)) * (2048 / k
 // channels_last block shape: TX threads across channel vectors (a power of two up to 32), TY rows.
 dim3 channels_last_block(int64_t channel_vecs) {
   const int tx = int(next_pow2(channel_vecs < 32 ? channel_vecs : 32));
+  return dim3(tx, kThreads / tx);
+}
+
+// Finalize kernels: 8 channels x 32 split lanes per block for small C, 32 x 8 for large C.
+dim3 finalize_block_for(int64_t C) {
+  const int tx = C >= 1024 ? 32 : 8;
   return dim3(tx, kThreads / tx);
 }
 
@@ -762,7 +772,9 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x) {
     }
   });
   const float* pm = part.const_data_ptr<float>();
-  launch_kernel(&stats_finalize_kernel, dim3(ceil_div(g.C, kThreads)), dim3(kThreads), stream,
+  const dim3 finalize_block = finalize_block_for(g.C);
+  launch_kernel(&stats_finalize_kernel, dim3(ceil_div(g.C, finalize_block.x)), finalize_block,
+                stream,
       pm, pm + splits.count * g.C, splits.count, g.C, total_units, splits.units_per_split,
       unit_size, mean.data_ptr<float>(), m2.data_ptr<float>());
   return {mean, m2};
@@ -870,7 +882,9 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cuda(
     }
   });
   const float* pa = part.const_data_ptr<float>();
-  launch_kernel(&sum_finalize_kernel, dim3(ceil_div(g.C, kThreads)), dim3(kThreads), stream,
+  const dim3 finalize_block = finalize_block_for(g.C);
+  launch_kernel(&sum_finalize_kernel, dim3(ceil_div(g.C, finalize_block.x)), finalize_block,
+                stream,
       pa, pa + splits.count * g.C, splits.count, g.C, sum_dy.data_ptr<float>(),
       sum_dy_xc.data_ptr<float>());
   return {sum_dy, sum_dy_xc};
