@@ -329,85 +329,62 @@ def test_cuda_is_bitwise_deterministic(ext, dtype, channels_last):
         assert torch.equal(u, v), f"item {i} differs between two runs"
 
 
-def _kernel_inputs(shape, dtype, layout, misalign=False):
-    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
-    g = torch.Generator().manual_seed(7)
-
-    def make():
-        t = torch.randn(shape, generator=g).to(dtype).cuda().contiguous(memory_format=fmt)
-        if not misalign:
-            return t
-        # A view whose data pointer is off the 16-byte grid: the scalar path must take it.
-        flat = torch.empty(t.numel() + 1, dtype=dtype, device="cuda")
-        out = flat[1:].view(t.permute(0, 2, 3, 1).shape if layout == "nhwc" else t.shape)
-        out = out.permute(0, 3, 1, 2) if layout == "nhwc" else out
-        out.copy_(t)
-        assert out.is_contiguous(memory_format=fmt) and out.data_ptr() % 16 != 0
-        return out
-
-    x, res, gy = make(), make(), make()
-    c = shape[1]
-    per_channel = [torch.randn(c, generator=g).cuda() for _ in range(5)]
-    scale = torch.rand(c, generator=g).cuda() + 0.5
-    return x, res, gy, per_channel[0], scale, *per_channel[1:]
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("misalign", [False, True])
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_kernels_match_torch_backend(ext, dtype, layout, misalign):
-    from fastres import cuda_backend
-    from fastres.ops.batch_norm_act import TorchBackend
-
-    for shape in ((4, 16, 6, 6), (3, 24, 5, 5), (2, 5, 3, 3)):
-        x, res, gy, mean, scale, shift, a, k, cc = _kernel_inputs(shape, dtype, layout, misalign)
-        # fp32 TorchBackend on the same rounded inputs: only the kernels' fp32 rounding differs.
-        m_ref, m2_ref = TorchBackend.batch_stats(x.double())
-        m, m2 = cuda_backend.batch_stats(x)
-        torch.testing.assert_close(m.double(), m_ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(m2.double(), m2_ref, rtol=1e-4, atol=1e-4)
-        tol = dict(rtol=torch.finfo(dtype).eps * 2, atol=torch.finfo(dtype).eps * 4)
-        for r, relu in ((None, False), (None, True), (res, True), (res, False)):
-            y = cuda_backend.apply(x, mean, scale, shift, r, relu)
-            y_ref = TorchBackend.apply(x, mean, scale, shift, r, relu)
-            assert y.stride() == y_ref.stride()
-            torch.testing.assert_close(y.float(), y_ref.float(), **tol)
-            s1, s2 = cuda_backend.backward_reduce(gy, x, mean, scale, shift, r, relu)
-            r1, r2 = TorchBackend.backward_reduce(gy.double(), x.double(), mean.double(),
-                                                  scale.double(), shift.double(),
-                                                  None if r is None else r.double(), relu)
-            torch.testing.assert_close(s1.double(), r1, rtol=1e-4, atol=1e-3)
-            torch.testing.assert_close(s2.double(), r2, rtol=1e-4, atol=1e-3)
-            for need_dres in (False, True):
-                dx, dres = cuda_backend.backward_dx(gy, x, mean, scale, shift, r, relu, a, k, cc,
-                                                    need_dres)
-                dx_ref, dres_ref = TorchBackend.backward_dx(gy, x, mean, scale, shift, r, relu, a,
-                                                            k, cc, need_dres)
-                assert dx.stride() == dx_ref.stride()
-                torch.testing.assert_close(dx.float(), dx_ref.float(), **tol)
-                if need_dres:
-                    assert torch.equal(dres, dres_ref)
-                else:
-                    assert dres is None
+def test_kernels_match_torch_backend(ext, dtype, layout):
+    """The four ops on CUDA against TorchBackend by the tolerance rule at kernel level (the checks of
+    the emulated tests below), including misaligned views (scalar path) and special values."""
+    for shape in EMU_SHAPES + ((8, 256, 14, 14), (4, 2048, 7, 7), (2, 64, 56, 56)):
+        _emu_check(torch.ops.fastres, *_emu_inputs(shape, dtype, layout, device="cuda"), dtype)
+    for shape in ((2, 16, 4, 4), (2, 5, 3, 3)):
+        for kw in (dict(misalign=True), dict(special="large_mean"), dict(special="nonfinite")):
+            _emu_check(torch.ops.fastres, *_emu_inputs(shape, dtype, layout, device="cuda", **kw),
+                       dtype)
 
 
 @pytest.mark.gpu
 def test_relu_mask_uses_the_rounded_output(ext):
-    # A positive pre-activation that rounds to 0 in fp16 (< 2^-25) is masked, as threshold_backward
-    # on the fp16 output does; NaN passes.
+    # scale 1e-8: x = 1 gives a positive pre-activation that rounds to 0 in fp16 (< 2^-25), masked as
+    # threshold_backward on the fp16 output masks it; x = 2^14 gives 1.6e-4, passed; NaN passes.
     from fastres import cuda_backend
 
-    x = torch.tensor([1e-8, -1.0, 1.0, float("nan")], device="cuda").view(1, 1, 2, 2).half()
+    x = torch.tensor([1.0, -1.0, 2.0 ** 14, float("nan")], device="cuda").view(1, 1, 2, 2).half()
     x = x.repeat(1, 8, 1, 1).contiguous(memory_format=torch.channels_last)
     ones, zeros = torch.ones(8, device="cuda"), torch.zeros(8, device="cuda")
     dy = torch.ones_like(x)
-    dx, _ = cuda_backend.backward_dx(dy, x, zeros, ones * 1e-2, zeros, None, True, ones, zeros,
-                                     zeros, False)
-    assert dx[0, 0].flatten().tolist()[:3] == [0.0, 0.0, 1.0]
-    assert dx[0, 0].flatten()[3].item() == 1.0
-    y = cuda_backend.apply(x, zeros, ones, zeros, None, True)
+    dx, dres = cuda_backend.backward_dx(dy, x, zeros, ones * 1e-8, zeros, None, True, ones, zeros,
+                                        zeros, True)
+    assert dx[0, 0].flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert torch.equal(dres, dx)
+    y = cuda_backend.apply(x, zeros, ones * 1e-8, zeros, None, True)
+    assert y[0, 0, 0, 0].item() == 0.0 and y[0, 0, 1, 0].item() > 0
     assert torch.isnan(y[0, :, 1, 1]).all()
+    s1, _ = cuda_backend.backward_reduce(dy, x, zeros, ones * 1e-8, zeros, None, True)
+    assert s1.tolist() == [2.0] * 8
+
+
+def _check_eval_dx_with_nonfinite_x(ops, device):
+    """Eval mode passes k = c = 0: dx = a * dy' must stay finite where x is NaN or Inf, as eager's
+    eval backward (scale * dy') does; 0 * Inf must not leak in."""
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        x = torch.randn(2, 8, 3, 3)
+        x[0, 0, 0, 0], x[1, 3, 1, 1], x[0, 5, 2, 2] = float("nan"), float("inf"), float("-inf")
+        x = x.to(device).contiguous(memory_format=fmt)
+        dy = torch.randn(2, 8, 3, 3).to(device).contiguous(memory_format=fmt)
+        zeros, half = torch.zeros(8, device=device), torch.full((8,), 0.5, device=device)
+        for relu in (False, True):
+            dx, _ = ops.bn_backward_dx_cuda(dy, x, zeros, half, zeros, None, relu, half, zeros,
+                                            zeros, False)
+            passed = ~(x * 0.5 <= 0) if relu else torch.ones_like(x, dtype=torch.bool)
+            expect = 0.5 * torch.where(passed, dy, torch.zeros_like(dy))
+            assert torch.isfinite(dx).all(), f"relu={relu}: dx not finite"
+            torch.testing.assert_close(dx, expect)
+
+
+@pytest.mark.gpu
+def test_eval_dx_stays_finite_with_nonfinite_input(ext):
+    _check_eval_dx_with_nonfinite_x(torch.ops.fastres, "cuda")
 
 
 @pytest.mark.gpu
@@ -460,14 +437,14 @@ EMU_SHAPES = ((2, 5, 3, 3), (2, 16, 4, 4), (3, 8, 3, 5), (4, 24, 1, 1), (1, 32, 
               (2, 12, 6, 6), (4, 64, 9, 9), (2, 16, 8, 8), (3, 1, 5, 5))
 
 
-def _emu_inputs(shape, dtype, layout, misalign=False, special=None, seed=0):
+def _emu_inputs(shape, dtype, layout, misalign=False, special=None, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
 
     def make(scale=1.0, offset=0.0):
-        t = torch.randn(shape, generator=g) * scale + offset
+        t = (torch.randn(shape, generator=g) * scale + offset).to(device)
         if misalign:  # a data pointer off the 16-byte grid: the scalar path must take it
-            flat = torch.empty(t.numel() + 1, dtype=dtype)
+            flat = torch.empty(t.numel() + 1, dtype=dtype, device=device)
             v = flat[1:].view(tuple(t.permute(0, 2, 3, 1).shape) if layout == "nhwc" else shape)
             v = v.permute(0, 3, 1, 2) if layout == "nhwc" else v
             v.copy_(t)
@@ -481,9 +458,9 @@ def _emu_inputs(shape, dtype, layout, misalign=False, special=None, seed=0):
         if shape[1] > 1:
             x[-1, 1, -1, -1] = float("inf")
     c = shape[1]
-    per_channel = [torch.randn(c, generator=g) for _ in range(5)]
+    per_channel = [torch.randn(c, generator=g).to(device) for _ in range(5)]
     mean = x.float().mean(dim=(0, 2, 3)).nan_to_num(0.0, 0.0, 0.0) + per_channel[0] * 0.1
-    scale = torch.rand(c, generator=g) + 0.5
+    scale = torch.rand(c, generator=g).to(device) + 0.5
     return x, make(), make(), mean.contiguous(), scale, *per_channel[1:]
 
 
@@ -508,6 +485,7 @@ def _sum_floor(terms):
 
 
 def _emu_check(emu, x, res, dy, mean, scale, shift, a, k, c, dtype):
+    """emu: the namespace of the four ops (torch.ops.fastres_emu, or torch.ops.fastres on a GPU)."""
     from fastres.ops.batch_norm_act import TorchBackend as TB
 
     d = lambda t: None if t is None else t.double()  # noqa: E731
@@ -571,6 +549,11 @@ def test_emulated_more_splits_than_finalize_lanes(emu, dtype, monkeypatch):
     # the finalize kernels, so their strided loop and tree merge both run.
     monkeypatch.setenv("FASTRES_EMULATE_SMS", "5")
     _emu_check(emu, *_emu_inputs((4, 64, 33, 33), dtype, "nhwc"), dtype)
+
+
+@emulated
+def test_emulated_eval_dx_stays_finite_with_nonfinite_input(emu):
+    _check_eval_dx_with_nonfinite_x(emu, "cpu")
 
 
 @emulated

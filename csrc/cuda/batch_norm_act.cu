@@ -475,6 +475,12 @@ __device__ __forceinline__ float masked_grad(float g, float xc, float sc, float 
   return g;
 }
 
+// k * (x - mean) + c of dx. k == 0 (eval mode) is an exact zero term: eager's eval dx = scale * dy'
+// stays finite where x is Inf or NaN, and so must ours (IEEE would give 0 * Inf = NaN).
+__device__ __forceinline__ float centered_term(float k, float xc, float c) {
+  return k != 0.f ? fmaf(k, xc, c) : c;
+}
+
 template <typename T, int VEC>
 __global__ void backward_dx_channels_last_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
@@ -513,7 +519,7 @@ __global__ void backward_dx_channels_last_kernel(
           const float xc = xv[u][v] - m[v];
           g[u][v] = masked_grad<T>(g[u][v], xc, sc[v], sh[v], has_residual ? rv[u][v] : 0.f,
                                    has_residual, relu);
-          out[v] = fmaf(a[v], g[u][v], fmaf(k[v], xc, cc[v]));
+          out[v] = fmaf(a[v], g[u][v], centered_term(k[v], xc, cc[v]));
         }
         store_vec<T, VEC>(dx + off, out);
         if (dres != nullptr) store_vec<T, VEC>(dres + off, g[u]);
@@ -546,7 +552,7 @@ __global__ void backward_dx_planar_kernel(
     for (int v = 0; v < VEC; ++v) {
       const float xc = xv[v] - m;
       g[v] = masked_grad<T>(g[v], xc, sc, sh, has_residual ? rv[v] : 0.f, has_residual, relu);
-      out[v] = fmaf(a, g[v], fmaf(k, xc, cc));
+      out[v] = fmaf(a, g[v], centered_term(k, xc, cc));
     }
     store_vec<T, VEC>(dx + off, out);
     if (dres != nullptr) store_vec<T, VEC>(dres + off, g);
