@@ -140,6 +140,9 @@ def sync_batch_norm_act(
     from fastres.ops import sync_batch_norm_act as sync_ops
 
     relu = _check_activation(activation)
+    if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
+        raise TypeError(f"momentum must be a float (as for F.batch_norm), got {momentum!r}; "
+                        "BatchNormAct2d handles momentum=None (cumulative moving average)")
     distributed = torch.distributed.is_available() and (
         process_group is not None or torch.distributed.is_initialized())
     world_size = torch.distributed.get_world_size(process_group) if distributed else 1
@@ -148,8 +151,6 @@ def sync_batch_norm_act(
                               residual, activation)
     check_batch_norm_act_args(input, running_mean, running_var, weight, bias, True, residual,
                               world_size=world_size)
-    if momentum is None:
-        momentum = 0.0
     y, mean, var, count = sync_ops.sync_batch_norm_act(input, weight, bias, residual, float(eps),
                                                       relu, process_group)
     if running_mean is not None:
