@@ -1,0 +1,100 @@
+"""torch.compile(fullgraph=True) over fastres: no graph break (fullgraph raises on one), in training
+and evaluation, and results equal to eager fastres by the tolerance rule — compiled fp32 vs the fp64
+reference (eager fastres in fp64 on the torch backend) must be within 2× eager fastres fp32's error.
+
+Inductor compiles C++ on CPU, which is slow on a small machine, so the inductor test runs one
+residual block; the whole converted ResNet-18 runs with backend="aot_eager", which still traces
+through dynamo and AOTAutograd (fake tensors, functionalisation), i.e. proves there is no graph break.
+The process-group (SyncBN) compile check lives in test_sync_batch_norm.py, in its gloo spawn.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastres
+from fastres.functional import batch_norm_act
+from helpers import assert_rule
+
+
+class BatchNormAct(nn.Module):
+    """Minimal module over fastres.functional.batch_norm_act (the library's own lands in fastres.nn)."""
+
+    def __init__(self, C, relu=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(C) + 0.5)
+        self.bias = nn.Parameter(torch.randn(C) * 0.1)
+        self.register_buffer("running_mean", torch.zeros(C))
+        self.register_buffer("running_var", torch.ones(C))
+        self.relu = relu
+
+    def forward(self, x, residual=None):
+        return batch_norm_act(x, self.running_mean, self.running_var, self.weight, self.bias,
+                              self.training, 0.1, 1e-5, residual, "relu" if self.relu else None)
+
+
+class Block(nn.Module):
+    """A ResNet basic block: conv-BN-ReLU, conv-BN(+identity)-ReLU."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.conv1 = nn.Conv2d(C, C, 3, padding=1, bias=False)
+        self.bn1 = BatchNormAct(C)
+        self.conv2 = nn.Conv2d(C, C, 3, padding=1, bias=False)
+        self.bn2 = BatchNormAct(C)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(self.bn1(self.conv1(x))), residual=x)
+
+
+def run_step(model, x, grad_out):
+    """Forward and backward; returns (output, input grad, parameter grads, buffers)."""
+    x = x.detach().clone().requires_grad_()
+    y = model(x)
+    y.backward(grad_out.to(y.dtype))
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    buffers = [b.detach().clone() for b in model.buffers() if b.is_floating_point()]
+    model.zero_grad(set_to_none=True)
+    return [y.detach(), x.grad] + grads + buffers
+
+
+def check_compiled(model, x, backend, train=True, channels_last=False, steps=2):
+    """``steps`` forward+backward steps of the model compiled (fp32) and eager (fp32), both against
+    eager fp64 on the torch backend, by the tolerance rule: outputs, input and parameter grads, and
+    the running statistics after each step."""
+    torch._dynamo.reset()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    with torch.no_grad():
+        out_shape = copy.deepcopy(model).eval()(x).shape
+    grad_out = torch.randn(out_shape, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for name in ("ref", "eager", "compiled"):
+        m = copy.deepcopy(model).train(train).to(memory_format=fmt)
+        if name == "ref":
+            m = m.double()
+        fn = torch.compile(m, fullgraph=True, backend=backend) if name == "compiled" else m
+        xx = x.double() if name == "ref" else x
+        with fastres.use_backend("torch" if name == "ref" else fastres.get_backend()):
+            results[name] = [run_step(fn, xx, grad_out) for _ in range(steps)]
+    for step in range(steps):
+        trio = zip(results["compiled"][step], results["eager"][step], results["ref"][step])
+        for i, (c, e, r) in enumerate(trio):
+            assert_rule(c, e.to(c.dtype), r, name=f"step {step} item {i}")
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_block_inductor(train):
+    torch.manual_seed(0)
+    block = Block(4)
+    x = torch.randn(2, 4, 5, 5)
+    check_compiled(block, x, "inductor", train=train, channels_last=True)
+
+
+def test_functional_inductor_nchw_no_residual():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, bias=False), BatchNormAct(6, relu=False))
+    check_compiled(model, torch.randn(3, 3, 6, 6), "inductor", train=True)
