@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import os
 
 import torch
 
@@ -29,6 +30,10 @@ except ImportError:  # pragma: no cover - until tests/helpers.py lands
         assert e_f <= 2 * e_e + floor, f"{name}: fused error {e_f:.3g} > 2 × {e_e:.3g} + {floor:.3g}"
 
 
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def triton_backend_available() -> bool:
     return (importlib.util.find_spec("fastres.triton.batch_norm_act") is not None
             and fastres.backend_status()["triton"][0])
@@ -36,6 +41,10 @@ def triton_backend_available() -> bool:
 
 # The module tests run the Triton kernels (under the interpreter on CPU) once that backend exists.
 TEST_BACKEND = "triton" if triton_backend_available() else "torch"
+
+# The Triton interpreter converts fp32 to bf16 by truncation (round toward zero; a GPU rounds to
+# nearest even), which doubles the kernels' bf16 rounding error relative to eager's.
+BF16_TRUNCATES = TEST_BACKEND == "triton" and interpreting() and not torch.cuda.is_available()
 
 
 def run_steps(model, inputs, grad_outputs, *, steps=3, train=True, dtype=None, residuals=None,
@@ -95,9 +104,15 @@ def compare_models(fused, eager, inputs, grad_outputs, *, steps=3, train=True, d
     return f, e, r
 
 
-def make_inputs(shape, steps=3, seed=0, channels_last=False):
+def make_inputs(shape, steps=3, seed=0, channels_last=False, offset=0.0):
+    """``steps`` random tensors; ``offset`` adds per-channel means drawn from [-offset, offset]
+    (BN inputs: the running mean is then not ~0, so the tolerance floor, which scales with the
+    reference's magnitude, does not demand more than fp32 can give for a mean of O(1) values)."""
     g = torch.Generator().manual_seed(seed)
     xs = [torch.randn(shape, generator=g) for _ in range(steps)]
+    if offset:
+        shift = (torch.rand(shape[1], generator=g) * 2 - 1) * offset
+        xs = [x + shift.view(1, -1, 1, 1) for x in xs]
     if channels_last:
         xs = [x.to(memory_format=torch.channels_last) for x in xs]
     return xs
@@ -113,6 +128,6 @@ def randomize_bn(model, seed=0):
                     m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
                     m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
                 if m.running_mean is not None:
-                    m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
+                    m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
                     m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
     return model
