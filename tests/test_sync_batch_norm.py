@@ -138,15 +138,67 @@ def _run_nn_sync(case, batch, rank, device):
     return out
 
 
-def _compile_check(rank, device):
-    """fullgraph torch.compile of the sync path (train): no graph break, same results as eager."""
-    case = Case(sizes=(2, 3), seed=9)
-    batch = make_global_batch(case)
-    eager = _run_local(_fastres_fn(case), case, batch, rank, device)
+MODEL_SIZES = (3, 2)  # per-rank batch of the module-level check
+
+
+def small_resnet():
+    """A torchvision-style model: stem conv-BN-ReLU, a BasicBlock with a downsample, a last BN
+    with no ReLU after it (sync_bn converts that one too)."""
+    from torchvision.models.resnet import BasicBlock
+
+    torch.manual_seed(0)
+    downsample = torch.nn.Sequential(torch.nn.Conv2d(6, 8, 1, stride=2, bias=False),
+                                     torch.nn.BatchNorm2d(8))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3, padding=1, bias=False), torch.nn.BatchNorm2d(6),
+        torch.nn.ReLU(inplace=True), BasicBlock(6, 8, stride=2, downsample=downsample),
+        torch.nn.Conv2d(8, 4, 1), torch.nn.BatchNorm2d(4))
+    for m in model.modules():  # non-trivial affine parameters and running stats
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def model_batch():
+    g = torch.Generator().manual_seed(123)
+    shape = (sum(MODEL_SIZES), 3, 6, 6)
+    return torch.randn(shape, generator=g) + 1.0, torch.randn(sum(MODEL_SIZES), 4, 3, 3,
+                                                              generator=g)
+
+
+def run_model(model, x, grad_out):
+    """Training step then an eval forward: (y, dx, {param grads}, {buffers}, eval y)."""
+    x = x.detach().clone().requires_grad_()
+    model.train()
+    y = model(x)
+    y.backward(grad_out)
+    inner = getattr(model, "_orig_mod", model)  # a compiled model's parameters, by their own names
+    grads = {k: p.grad.detach().clone() for k, p in inner.named_parameters()}
+    buffers = {k: b.detach().clone() for k, b in inner.named_buffers()}
+    model.eval()
+    with torch.no_grad():
+        y_eval = model(x.detach())
+    return dict(y=y.detach(), dx=x.grad, grads=grads, buffers=buffers, y_eval=y_eval)
+
+
+def _model_checks(rank, device):
+    """fastres.convert(sync_bn=True) on each rank's slice, eager and compiled (fullgraph, with an
+    explicit ProcessGroup in the modules): no graph break, compiled == eager."""
+    x, grad_out = model_batch()
+    sl = slice(sum(MODEL_SIZES[:rank]), sum(MODEL_SIZES[:rank + 1]))
+    x, grad_out = x[sl].to(device), grad_out[sl].to(device)
+    eager = run_model(fastres.convert(small_resnet(), sync_bn=True).to(device), x, grad_out)
     torch._dynamo.reset()
-    compiled_fn = torch.compile(_fastres_fn(case), fullgraph=True, backend="aot_eager")
-    compiled = _run_local(compiled_fn, case, batch, rank, device)
-    return {k: (eager[k], compiled[k]) for k in eager if eager[k] is not None}
+    model = fastres.convert(small_resnet(), sync_bn=True,
+                            process_group=torch.distributed.group.WORLD).to(device)
+    compiled = run_model(torch.compile(model, fullgraph=True, backend="aot_eager"), x, grad_out)
+    to_cpu = lambda r: {k: ({n: t.cpu() for n, t in v.items()} if isinstance(v, dict) else v.cpu())
+                        for k, v in r.items()}
+    return to_cpu(eager), to_cpu(compiled)
 
 
 def sync_worker(rank, world_size, device, backends):
@@ -173,7 +225,7 @@ def sync_worker(rank, world_size, device, backends):
                 if device == "cuda" and 0 not in case.sizes:
                     entry["nn"] = _run_nn_sync(case, batch, rank, device)
                 results[(backend, name)] = entry
-    results["compile"] = _compile_check(rank, device)
+    results["model"] = _model_checks(rank, device)
     return results
 
 
@@ -286,11 +338,48 @@ def test_gloo_deterministic(gloo_results, case_name):
                     assert torch.equal(t, rerun[key]), f"{backend}/{case_name} rank {rank} {key}"
 
 
-def test_gloo_compile_fullgraph(gloo_results):
+def check_model_results(per_rank, what):
+    """Converted model with sync_bn on each rank vs the unconverted model over the whole batch: outputs
+    and input grads per slice, Σ over ranks of the local parameter grads (what DDP all-reduces),
+    running stats (bitwise identical on every rank), and the eval output after the step."""
+    x, grad_out = model_batch()
+    single = {}
+    for name, dtype in (("ref", torch.float64), ("eager", torch.float32)):
+        model = small_resnet().to(dtype)
+        single[name] = run_model(model, x.to(dtype), grad_out.to(dtype))
+    fused = [r[0] for r in per_rank]
+    for rank, got in enumerate(fused):
+        sl = slice(sum(MODEL_SIZES[:rank]), sum(MODEL_SIZES[:rank + 1]))
+        for key in ("y", "dx", "y_eval"):
+            assert_rule(got[key], single["eager"][key][sl], single["ref"][key][sl],
+                        name=f"{what} rank {rank} {key}")
+        for k, t in got["buffers"].items():
+            assert torch.equal(t, fused[0]["buffers"][k]), f"{what}: {k} differs between ranks"
+            if t.is_floating_point():
+                assert_rule(t, single["eager"]["buffers"][k], single["ref"]["buffers"][k],
+                            name=f"{what} rank {rank} {k}")
+            else:
+                assert torch.equal(t, single["eager"]["buffers"][k]), f"{what}: {k}"
+    for k in fused[0]["grads"]:
+        total = sum(r["grads"][k].double() for r in fused).float()
+        assert_rule(total, single["eager"]["grads"][k], single["ref"]["grads"][k],
+                    name=f"{what} Σ grad {k}")
+
+
+def test_gloo_convert_sync_bn_model(gloo_results):
+    _, per_rank = gloo_results
+    check_model_results([r["model"] for r in per_rank], "gloo model")
+
+
+def test_gloo_compile_fullgraph_with_process_group(gloo_results):
     _, per_rank = gloo_results
     for rank, r in enumerate(per_rank):
-        for key, (eager, compiled) in r["compile"].items():
-            assert torch.equal(eager, compiled), f"rank {rank} {key}: compiled differs from eager"
+        eager, compiled = r["model"]
+        for key in ("y", "dx", "y_eval"):
+            assert torch.equal(eager[key], compiled[key]), f"rank {rank} {key}"
+        for group in ("grads", "buffers"):
+            for k in eager[group]:
+                assert torch.equal(eager[group][k], compiled[group][k]), f"rank {rank} {k}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,6 +437,4 @@ def test_nccl_matches_nn_sync_batch_norm():
                 for key, t in e["fastres"].items():
                     if t is not None:
                         assert torch.equal(t, e["rerun"][key]), f"nccl/{backend}/{name} {key}"
-    for r in per_rank:
-        for key, (eager, compiled) in r["compile"].items():
-            assert torch.equal(eager, compiled), key
+    check_model_results([r["model"] for r in per_rank], "nccl model")
