@@ -93,3 +93,24 @@ def test_block_inductor(train):
     x = torch.randn(2, 4, 5, 5)
     check_compiled(block, x, "inductor", train=train, channels_last=True)
 
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_resnet18_converted_aot_eager(train):
+    """The whole converted ResNet-18 traces in one graph (fullgraph raises on any break)."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = fastres.convert(torchvision.models.resnet18(num_classes=10))
+    assert sum(isinstance(m, fastres.BatchNormAct2d) for m in model.modules()) == 20
+    check_compiled(model, torch.randn(2, 3, 32, 32), "aot_eager", train=train,
+                   channels_last=True, steps=1)
+
+
+def test_fastres_resnet18_explain_no_graph_break():
+    """fastres.models.resnet18 in training: torch._dynamo.explain counts one graph, no breaks."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = fastres.models.resnet18(num_classes=10).train()
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1

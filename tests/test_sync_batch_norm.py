@@ -82,7 +82,7 @@ def _layout(t, case):
     return t.contiguous(memory_format=torch.channels_last) if case.channels_last else t.contiguous()
 
 
-def _run_local(fn, case, batch, rank, device):
+def _run_local(fn, case, batch, rank, device, no_host_sync=False):
     """Forward + backward of ``fn`` on this rank's slice; returns outputs, grads, running stats."""
     sl = rank_slice(case, rank)
     x = _layout(batch["x"][sl], case).to(device).requires_grad_()
@@ -92,8 +92,16 @@ def _run_local(fn, case, batch, rank, device):
     b = None if batch["bias"] is None else batch["bias"].to(device).clone().requires_grad_()
     rm = None if batch["running_mean"] is None else batch["running_mean"].to(device).clone()
     rv = None if batch["running_var"] is None else batch["running_var"].to(device).clone()
-    y = fn(x, rm, rv, w, b, res)
-    y.backward(_layout(batch["grad_out"][sl], case).to(device))
+    grad_out = _layout(batch["grad_out"][sl], case).to(device)
+    if no_host_sync:  # any host synchronisation in forward or backward raises
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = fn(x, rm, rv, w, b, res)
+        y.backward(grad_out)
+    finally:
+        if no_host_sync:
+            torch.cuda.set_sync_debug_mode("default")
     out = dict(y=y, dx=x.grad, dres=None if res is None else res.grad,
                dw=None if w is None else w.grad, db=None if b is None else b.grad, rm=rm, rv=rv)
     return {k: (None if v is None else v.detach().cpu()) for k, v in out.items()}
@@ -212,15 +220,7 @@ def sync_worker(rank, world_size, device, backends):
                     continue
                 batch = make_global_batch(case)
                 fn = _fastres_fn(case)
-                if device == "cuda":
-                    # Any host synchronisation in forward or backward raises.
-                    torch.cuda.synchronize()
-                    torch.cuda.set_sync_debug_mode("error")
-                try:
-                    first = _run_local(fn, case, batch, rank, device)
-                finally:
-                    if device == "cuda":
-                        torch.cuda.set_sync_debug_mode("default")
+                first = _run_local(fn, case, batch, rank, device, no_host_sync=device == "cuda")
                 entry = {"fastres": first, "rerun": _run_local(fn, case, batch, rank, device)}
                 if device == "cuda" and 0 not in case.sizes:
                     entry["nn"] = _run_nn_sync(case, batch, rank, device)
