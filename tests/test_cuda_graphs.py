@@ -55,7 +55,8 @@ def test_training_step_graph_replay(channels_last, amp):
 
     def step(model, optimizer, x, y):
         optimizer.zero_grad(set_to_none=False)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        # autocast's weight-cast cache must be off under capture (the casts have to be replayed)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
             loss = criterion(model(x), y)
         loss.backward()
         optimizer.step()
