@@ -13,41 +13,21 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 
 import fastres
-from fastres.functional import batch_norm_act
 from helpers import assert_rule
 
 
-class BatchNormAct(nn.Module):
-    """Minimal module over fastres.functional.batch_norm_act (the library's own lands in fastres.nn)."""
-
-    def __init__(self, C, relu=True):
-        super().__init__()
-        self.weight = nn.Parameter(torch.rand(C) + 0.5)
-        self.bias = nn.Parameter(torch.randn(C) * 0.1)
-        self.register_buffer("running_mean", torch.zeros(C))
-        self.register_buffer("running_var", torch.ones(C))
-        self.relu = relu
-
-    def forward(self, x, residual=None):
-        return batch_norm_act(x, self.running_mean, self.running_var, self.weight, self.bias,
-                              self.training, 0.1, 1e-5, residual, "relu" if self.relu else None)
-
-
-class Block(nn.Module):
-    """A ResNet basic block: conv-BN-ReLU, conv-BN(+identity)-ReLU."""
-
-    def __init__(self, C):
-        super().__init__()
-        self.conv1 = nn.Conv2d(C, C, 3, padding=1, bias=False)
-        self.bn1 = BatchNormAct(C)
-        self.conv2 = nn.Conv2d(C, C, 3, padding=1, bias=False)
-        self.bn2 = BatchNormAct(C)
-
-    def forward(self, x):
-        return self.bn2(self.conv2(self.bn1(self.conv1(x))), residual=x)
+def basic_block(C):
+    """fastres.BasicBlock with non-trivial BN parameters and running statistics."""
+    block = fastres.BasicBlock(C, C)
+    with torch.no_grad():
+        for bn in (block.bn1, block.bn2):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 1.5)
+    return block
 
 
 def run_step(model, x, grad_out):
@@ -89,7 +69,7 @@ def check_compiled(model, x, backend, train=True, channels_last=False, steps=2):
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_block_inductor(train):
     torch.manual_seed(0)
-    block = Block(4)
+    block = basic_block(4)
     x = torch.randn(2, 4, 5, 5)
     check_compiled(block, x, "inductor", train=train, channels_last=True)
 

@@ -3,8 +3,6 @@ with torch.cuda.graph and replayed gives the results of the same steps run uncap
 outright on any host synchronisation, so this also proves the fastres path has none."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn as nn

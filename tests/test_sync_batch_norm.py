@@ -10,11 +10,10 @@ One spawn runs every case (a spawn costs seconds); the tests below check what it
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastres
 from fastres.functional import batch_norm_act, sync_batch_norm_act
