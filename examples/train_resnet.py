@@ -48,7 +48,8 @@ def parse_args(argv=None):
                         "min(5, steps // 2)")
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=None,
+                   help="SGD learning rate; default 0.1 × global batch / 256 (Goyal et al.)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--fastres", action=argparse.BooleanOptionalAction, default=True,
                    help="convert the model with fastres.convert (default) or train it as is")
@@ -236,7 +237,8 @@ def train(args):
     if batches is None:
         batches = iter(SyntheticBatches(args.batch_size, args.image_size, num_classes, device,
                                         memory_format, seed=args.seed + rank))
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    lr = args.lr if args.lr is not None else 0.1 * args.batch_size * world_size / 256
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     criterion = nn.CrossEntropyLoss()
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.amp
                 else contextlib.nullcontext())
