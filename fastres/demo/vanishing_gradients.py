@@ -67,6 +67,9 @@ class _LocalBasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
+_warned_fallback = False
+
+
 def basic_block_class():
     """(class, description): fastres.BasicBlock when the package has it, else the local fallback."""
     block = getattr(fastres, "BasicBlock", None)
@@ -76,8 +79,11 @@ def basic_block_class():
         except ImportError:
             block = None
     if block is None:
-        log("fastres.BasicBlock is not available in this build: using a local torchvision-structured "
-            "BasicBlock (plain torch.nn) for the residual network")
+        global _warned_fallback
+        if not _warned_fallback:
+            log("fastres.BasicBlock is not available in this build: using a local torchvision-structured "
+                "BasicBlock (plain torch.nn) for the residual network")
+            _warned_fallback = True
         return _LocalBasicBlock, "local torchvision-structured BasicBlock (fastres.BasicBlock unavailable)"
     return block, f"{block.__module__}.{block.__qualname__}"
 
@@ -335,7 +341,7 @@ def verdict(results: dict) -> str:
                 if cmp == "equal to":
                     how = "."
                 elif math.isinf(o) or math.isinf(res):
-                    how = " (infinite: some layers' gradients are exactly 0)."
+                    how = " (an infinite spread means some layers' gradients are exactly 0)."
                 else:
                     how = f" by {max(o, res) / min(o, res):.3g}x."
                 lines.append(f"At step 0 the residual network's spread ({res:.3g}) is {cmp} than {other}'s "
@@ -386,7 +392,7 @@ def plot_depth(results: dict, path: str) -> None:
     panels = 3 if has_blocks else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
     steps = next(iter(nets.values()))["steps"]
-    for ax, step, label in ((axes[0], 0, "step 0 (initialisation)"), (axes[1], -1, f"step {steps - 1}")):
+    for ax, step, when in ((axes[0], 0, "step 0 (initialisation)"), (axes[1], -1, f"step {steps - 1}")):
         for net, r in nets.items():
             norms = [v if v is not None and v > 0 else math.nan for v in r["grad_norms"][step]]
             zeros = _zeros(r["grad_norms"][step])
@@ -396,7 +402,7 @@ def plot_depth(results: dict, path: str) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("layer (1 = first conv, last = linear)")
         ax.set_ylabel("weight gradient L2 norm")
-        ax.set_title(f"gradient norm by depth, {label}")
+        ax.set_title(f"gradient norm by depth, {when}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     if has_blocks:
