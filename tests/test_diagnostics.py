@@ -209,7 +209,7 @@ def test_summary_plot_and_errors(tmp_path, monkeypatch):
 def test_demo_quick_mode_writes_its_files(tmp_path):
     out = tmp_path / "run"
     results = demo.run(["--depth", "8", "--steps", "3", "--width", "4", "--image-size", "8", "--batch-size", "8",
-                        "--samples", "32", "--device", "cpu", "--out", str(out)])
+                        "--samples", "32", "--device", "cpu", "--per-net-plots", "--out", str(out)])
     for name in ("loss_curves.png", "grad_norm_by_depth.png", "results.json", "verdict.txt",
                  *(f"grad_flow_{n}.png" for n in demo.NETS), *(f"summary_{n}.txt" for n in demo.NETS)):
         assert (out / name).stat().st_size > 0, name
