@@ -204,6 +204,9 @@ def test_summary_plot_and_errors(tmp_path, monkeypatch):
         flow.stats(params="biases")
     with pytest.raises(ValueError, match="6n \\+ 2"):
         demo.parse_args(["--depth", "30"])
+    pytest.importorskip("torchvision")
+    with pytest.raises(FileNotFoundError, match="no readable CIFAR-10"):
+        demo.cifar10_data(str(tmp_path / "nothing"), 16)
 
 
 def test_demo_quick_mode_writes_its_files(tmp_path):

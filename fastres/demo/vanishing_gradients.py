@@ -200,7 +200,11 @@ def cifar10_data(root: str, image_size: int):
         from torchvision.datasets import CIFAR10
     except ImportError as e:
         raise ImportError("--cifar10 needs torchvision (pip install torchvision)") from e
-    dataset = CIFAR10(root, train=True, download=False)
+    try:
+        dataset = CIFAR10(root, train=True, download=False)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        raise FileNotFoundError(f"--cifar10 {root}: no readable CIFAR-10 there (torchvision layout, "
+                                f"{root}/cifar-10-batches-py; this demo never downloads): {e}") from e
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).float().div_(255)
     mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
     std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
