@@ -212,20 +212,29 @@ def test_summary_plot_and_errors(tmp_path, monkeypatch):
 def test_demo_quick_mode_writes_its_files(tmp_path):
     out = tmp_path / "run"
     results = demo.run(["--depth", "8", "--steps", "3", "--width", "4", "--image-size", "8", "--batch-size", "8",
-                        "--samples", "32", "--device", "cpu", "--per-net-plots", "--out", str(out)])
+                        "--samples", "32", "--device", "cpu", "--out", str(out)])
     for name in ("loss_curves.png", "grad_norm_by_depth.png", "results.json", "verdict.txt",
-                 *(f"grad_flow_{n}.png" for n in demo.NETS), *(f"summary_{n}.txt" for n in demo.NETS)):
+                 *(f"summary_{n}.txt" for n in demo.NETS)):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["nets"]) == set(demo.NETS)
     for net, r in saved["nets"].items():
         assert len(r["loss"]) == 3 and len(r["grad_norms"]) == 3
         assert len(r["layers"]) == 8  # 7 convs + the linear layer: the depth
-        assert r["first_to_last_ratio"]["step_first"] == pytest.approx(
+        assert r["first_to_last_ratio"]["start"] == pytest.approx(
             r["grad_norms"][0][0] / r["grad_norms"][0][-1])
+        assert r["window"] == 1 and r["grad_norms_end"] == pytest.approx(r["grad_norms"][-1])
     verdict = (out / "verdict.txt").read_text()
     assert verdict == saved["verdict"] == results["verdict"]
-    assert f"{saved['nets']['plain_bn']['first_to_last_ratio']['step_first']:.3g}" in verdict
+    assert f"{saved['nets']['plain_bn']['first_to_last_ratio']['start']:.3g}" in verdict
+    # The verdict follows the numbers, not expectations.
+    ratio = results["nets"]["plain_bn"]["first_to_last_ratio"]
+    ratio["start"] = 500.0
+    assert "plain_bn: at step 0 ratio 500 (exploding toward the input" in demo.verdict(results)
+    ratio["start"] = 0.01
+    assert "plain_bn: at step 0 ratio 0.01 (vanishing: the first layer's gradient is 100x smaller" in demo.verdict(results)
+    results["nets"]["residual"]["spread_max_over_min"]["start"] = 1e9
+    assert "residual network's spread (1e+09) is larger than plain_bn's" in demo.verdict(results)
 
 
 def test_shortcuts_narrow_the_spread_of_gradient_norms_across_depth():

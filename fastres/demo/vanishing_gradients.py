@@ -19,7 +19,7 @@ and last step, and the residual network's shortcut-vs-branch split); ``summary_<
 
 Data: synthetic by default (10 classes of smooth random templates plus noise, fixed seed), or CIFAR-10
 read from ``--cifar10 ROOT`` (torchvision's layout, never downloaded). The default size (width 8, batch
-32, 16x16 images, 40 steps, one CPU thread) runs on a CPU in under two minutes.
+16, 16x16 images, 40 steps, one CPU thread) runs on a CPU in under two minutes.
 """
 from __future__ import annotations
 
@@ -260,29 +260,34 @@ def _zeros(values) -> int:
 
 
 def measure(net: str, flow: GradientFlow, losses: list[float], seconds: float) -> dict:
+    """The numbers the verdict and the plots use. "start" is step 0 (the initialisation); "end" is the mean
+    over the last ``window`` steps (a tenth of the run), for the per-layer gradient norms and the loss."""
     names, norms = flow.norms("all")  # the recorder already kept only the main-path weights
-    first, last = norms[0].tolist(), norms[-1].tolist()
-    tail = max(1, len(losses) // 10)
+    window = max(1, len(losses) // 10)
+    start, end = norms[0].tolist(), torch.nanmean(norms[-window:], dim=0).tolist()
     result = {
         "layers": names,
         "steps": len(losses),
+        "window": window,
         "train_seconds": seconds,
         "loss": losses,
-        "loss_first": losses[0],
-        "loss_final": sum(losses[-tail:]) / tail,
-        "loss_final_window": tail,
+        "loss_start": losses[0],
+        "loss_end": sum(losses[-window:]) / window,
         "grad_norms": norms.tolist(),  # [step][layer]
-        "first_to_last_ratio": {"step_first": first[0] / last_or_nan(first), "step_last": last[0] / last_or_nan(last)},
-        "spread_max_over_min": {"step_first": _spread(first), "step_last": _spread(last)},
-        "spread_over_nonzero_layers": {"step_first": _spread_nonzero(first), "step_last": _spread_nonzero(last)},
-        "layers_with_zero_grad": {"step_first": _zeros(first), "step_last": _zeros(last)},
+        "grad_norms_end": end,
+        "first_to_last_ratio": {"start": start[0] / last_or_nan(start), "end": end[0] / last_or_nan(end)},
+        "spread_max_over_min": {"start": _spread(start), "end": _spread(end)},
+        "spread_over_nonzero_layers": {"start": _spread_nonzero(start), "end": _spread_nonzero(end)},
+        "layers_with_zero_grad": {"start": _zeros(start), "end": _zeros(end)},
     }
     if flow.blocks:
-        hist = flow.history()["blocks"]
         per_block = {}
-        for block, series in hist.items():
-            per_block[block] = {field: {"step_first": series[field][0], "step_last": series[field][-1]}
-                                for field in ("input", "branch", "shortcut")}
+        for block, series in flow.history()["blocks"].items():
+            per_block[block] = {}
+            for field in ("input", "branch", "shortcut"):
+                tail = [v for v in series[field][-window:] if math.isfinite(v)]
+                per_block[block][field] = {"start": series[field][0],
+                                           "end": sum(tail) / len(tail) if tail else math.nan}
         result["blocks"] = per_block
     return result
 
@@ -292,15 +297,16 @@ def last_or_nan(values) -> float:
 
 
 def _kind(ratio: float) -> str:
+    """Names a first/last ratio; the thresholds (0.1 and 10) are stated in the verdict's first line."""
     if not math.isfinite(ratio):
         return "not measurable (non-finite gradients)"
     if ratio == 0:
         return "vanished completely: the first layer's gradient is exactly 0 in fp32 (underflow)"
     if ratio < 0.1:
-        return f"vanishing toward the input: the first layer's gradient is {1 / ratio:.3g}x smaller"
+        return f"vanishing: the first layer's gradient is {1 / ratio:.3g}x smaller than the last layer's"
     if ratio > 10:
-        return f"exploding toward the input: the first layer's gradient is {ratio:.3g}x larger"
-    return "within 10x, neither vanishing nor exploding"
+        return f"exploding toward the input: the first layer's gradient is {ratio:.3g}x larger than the last's"
+    return "within 10x either way: neither vanishing nor exploding"
 
 
 def verdict(results: dict) -> str:
@@ -311,7 +317,9 @@ def verdict(results: dict) -> str:
              f"{cfg['batch_size']}, {cfg['image_size']}x{cfg['image_size']} {cfg['data']} images, "
              f"{cfg['steps']} SGD steps (lr {cfg['lr']}, momentum 0.9), seed {cfg['seed']}. "
              "Gradient norms are L2 norms of each conv/linear weight's gradient; 'ratio' is first conv / "
-             "final linear layer, 'spread' is largest / smallest over all main-path weight layers.", ""]
+             "final linear layer (below 0.1 is called vanishing, above 10 exploding); 'spread' is largest / "
+             "smallest over all main-path weight layers. 'End' values are means over the last "
+             f"{next(iter(nets.values()))['window']} steps.", ""]
     def spread_text(r, when):
         text = f"spread {r['spread_max_over_min'][when]:.3g}"
         zeros = r["layers_with_zero_grad"][when]
@@ -321,8 +329,8 @@ def verdict(results: dict) -> str:
         return text
 
     for net, r in nets.items():
-        s0, s1 = r["first_to_last_ratio"]["step_first"], r["first_to_last_ratio"]["step_last"]
-        l0, l1 = r["loss_first"], r["loss_final"]
+        s0, s1 = r["first_to_last_ratio"]["start"], r["first_to_last_ratio"]["end"]
+        l0, l1 = r["loss_start"], r["loss_end"]
         if not math.isfinite(l1):
             learned = "training diverged (non-finite loss)"
         elif l1 < 0.5 * CHANCE_LOSS:
@@ -332,16 +340,15 @@ def verdict(results: dict) -> str:
         else:
             learned = "it learned partially"
         lines.append(
-            f"{net}: at step 0 ratio {s0:.3g} ({_kind(s0)}), {spread_text(r, 'step_first')}; at step "
-            f"{r['steps'] - 1} ratio {s1:.3g} ({_kind(s1)}), {spread_text(r, 'step_last')}. Training loss "
-            f"{l0:.3f} -> {l1:.3f} (mean of the last {r['loss_final_window']} steps; chance is ln 10 = "
-            f"{CHANCE_LOSS:.3f}): {learned}.")
+            f"{net}: at step 0 ratio {s0:.3g} ({_kind(s0)}), {spread_text(r, 'start')}; at the end "
+            f"ratio {s1:.3g} ({_kind(s1)}), {spread_text(r, 'end')}. Training loss {l0:.3f} at step 0, "
+            f"{l1:.3f} at the end (chance is ln 10 = {CHANCE_LOSS:.3f}): {learned}.")
     lines.append("")
     if "residual" in nets:
-        res = nets["residual"]["spread_max_over_min"]["step_first"]
+        res = nets["residual"]["spread_max_over_min"]["start"]
         for other in ("plain_sigmoid", "plain_bn"):
             if other in nets:
-                o = nets[other]["spread_max_over_min"]["step_first"]
+                o = nets[other]["spread_max_over_min"]["start"]
                 cmp = "smaller" if res < o else "larger" if res > o else "equal to"
                 if cmp == "equal to":
                     how = "."
@@ -352,10 +359,10 @@ def verdict(results: dict) -> str:
                 lines.append(f"At step 0 the residual network's spread ({res:.3g}) is {cmp} than {other}'s "
                              f"({o:.3g}){how}")
         blocks = nets["residual"].get("blocks", {})
-        shares = [b["shortcut"]["step_first"] / b["input"]["step_first"] for b in blocks.values()
-                  if b["input"]["step_first"] and math.isfinite(b["shortcut"]["step_first"])]
-        branch = [b["branch"]["step_first"] / b["input"]["step_first"] for b in blocks.values()
-                  if b["input"]["step_first"] and math.isfinite(b["branch"]["step_first"])]
+        shares = [b["shortcut"]["start"] / b["input"]["start"] for b in blocks.values()
+                  if b["input"]["start"] and math.isfinite(b["shortcut"]["start"])]
+        branch = [b["branch"]["start"] / b["input"]["start"] for b in blocks.values()
+                  if b["input"]["start"] and math.isfinite(b["branch"]["start"])]
         if shares:
             lines.append(
                 f"In the residual network at step 0, over its {len(shares)} blocks, the gradient arriving at a "
@@ -396,11 +403,13 @@ def plot_depth(results: dict, path: str) -> None:
     has_blocks = "residual" in nets and nets["residual"].get("blocks")
     panels = 3 if has_blocks else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
-    steps = next(iter(nets.values()))["steps"]
-    for ax, step, when in ((axes[0], 0, "step 0 (initialisation)"), (axes[1], -1, f"step {steps - 1}")):
+    first = next(iter(nets.values()))
+    end_label = f"mean of steps {first['steps'] - first['window']}-{first['steps'] - 1}"
+    for ax, key, when in ((axes[0], "start", "step 0 (initialisation)"), (axes[1], "end", end_label)):
         for net, r in nets.items():
-            norms = [v if v is not None and v > 0 else math.nan for v in r["grad_norms"][step]]
-            zeros = _zeros(r["grad_norms"][step])
+            values = r["grad_norms"][0] if key == "start" else r["grad_norms_end"]
+            norms = [v if v is not None and v > 0 else math.nan for v in values]
+            zeros = _zeros(values)
             label = net + (f" ({zeros} layers exactly 0, not drawn)" if zeros else "")
             ax.plot(range(1, len(norms) + 1), norms, ".-", color=COLOURS.get(net), label=label,
                     linewidth=1, markersize=3)
@@ -415,9 +424,9 @@ def plot_depth(results: dict, path: str) -> None:
         blocks = nets["residual"]["blocks"]
         x = range(1, len(blocks) + 1)
         for field, colour in (("shortcut", "C0"), ("branch", "C3")):
-            for when, style in (("step_first", "-"), ("step_last", "--")):
+            for when, style in (("start", "-"), ("end", "--")):
                 ax.plot(x, [b[field][when] for b in blocks.values()], style, color=colour, marker=".",
-                        label=f"via {field}, {'step 0' if when == 'step_first' else f'step {steps - 1}'}")
+                        label=f"via {field}, {'step 0' if when == 'start' else end_label}")
         ax.set_yscale("log")
         ax.set_xlabel("residual block (input -> output)")
         ax.set_ylabel("gradient norm entering the block")
@@ -448,7 +457,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--out", default="vanishing_gradients_out", help="output folder")
     p.add_argument("--width", type=int, default=8, help="channels of the first stage (default 8)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
