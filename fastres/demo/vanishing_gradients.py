@@ -14,7 +14,7 @@ Every step is recorded with ``fastres.diagnostics.GradientFlow``. The run writes
 ``loss_curves.png``; ``grad_norm_by_depth.png`` (main-path weight gradient norms by depth at the first
 and last step, and the residual network's shortcut-vs-branch split); ``summary_<net>.txt``
 (``GradientFlow.summary()``; ``--per-net-plots`` adds ``GradientFlow.plot()`` as ``grad_flow_<net>.png``);
-``results.json`` (every measured number); and ``verdict.txt``: sentences computed from the numbers in
+``results.json`` (every measured number; non-finite ones, e.g. an infinite spread, as null); and ``verdict.txt``: sentences computed from the numbers in
 ``results.json``, saying what was measured.
 
 Data: synthetic by default (10 classes of smooth random templates plus noise, fixed seed), or CIFAR-10
@@ -345,10 +345,12 @@ def verdict(results: dict) -> str:
             f"{l1:.3f} at the end (chance is ln 10 = {CHANCE_LOSS:.3f}): {learned}.")
     lines.append("")
     if "residual" in nets:
-        res = nets["residual"]["spread_max_over_min"]["start"]
-        for other in ("plain_sigmoid", "plain_bn"):
-            if other in nets:
-                o = nets[other]["spread_max_over_min"]["start"]
+        for when, label in (("start", "At step 0"), ("end", "At the end")):
+            res = nets["residual"]["spread_max_over_min"][when]
+            for other in ("plain_sigmoid", "plain_bn"):
+                if other not in nets:
+                    continue
+                o = nets[other]["spread_max_over_min"][when]
                 cmp = "smaller" if res < o else "larger" if res > o else "equal to"
                 if cmp == "equal to":
                     how = "."
@@ -356,7 +358,7 @@ def verdict(results: dict) -> str:
                     how = " (an infinite spread means some layers' gradients are exactly 0)."
                 else:
                     how = f" by {max(o, res) / min(o, res):.3g}x."
-                lines.append(f"At step 0 the residual network's spread ({res:.3g}) is {cmp} than {other}'s "
+                lines.append(f"{label} the residual network's spread ({res:.3g}) is {cmp} than {other}'s "
                              f"({o:.3g}){how}")
         blocks = nets["residual"].get("blocks", {})
         shares = [b["shortcut"]["start"] / b["input"]["start"] for b in blocks.values()
@@ -382,10 +384,17 @@ def plot_losses(results: dict, path: str) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for net, r in results["nets"].items():
-        ax.plot(r["loss"], color=COLOURS.get(net), label=net, linewidth=1.2)
+        loss = torch.tensor(r["loss"], dtype=torch.float64)
+        window = max(1, min(5, len(loss)))  # trailing moving average: the trend through batch noise
+        smooth = loss.cumsum(0)
+        smooth[window:] = smooth[window:] - smooth[:-window]
+        smooth /= torch.arange(1, len(loss) + 1).clamp(max=window)
+        ax.plot(loss.tolist(), color=COLOURS.get(net), linewidth=0.8, alpha=0.35)
+        ax.plot(smooth.tolist(), color=COLOURS.get(net), linewidth=1.6, label=net)
     ax.axhline(CHANCE_LOSS, color="gray", linestyle=":", label="chance (ln 10)")
     cfg = results["config"]
-    ax.set_title(f"training loss, depth {cfg['depth']} ({cfg['data']} data, {cfg['device']})")
+    ax.set_title(f"training loss, depth {cfg['depth']} ({cfg['data']} data, {cfg['device']})\n"
+                 "thin: per step; thick: trailing mean of 5 steps", fontsize=10)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy")
     ax.legend()
