@@ -74,7 +74,9 @@ class GradientFlow:
             order of depth for networks whose modules are registered input-to-output (the usual case).
         optimizer: if given, ``step()`` is called automatically just before each ``optimizer.step()``.
         blocks: the residual blocks to split into shortcut/branch gradients, as ``(name, module)`` pairs;
-            default: ``find_residual_blocks(model)``. Pass ``[]`` to record parameters only.
+            default: ``find_residual_blocks(model)``. The branch is taken to start at ``module.conv1``;
+            a block without a ``conv1`` module records only its total input gradient. Pass ``[]`` to
+            record parameters only.
         parameters: a predicate ``(name, param) -> bool`` choosing which trainable parameters to
             record; default: all parameters with ``requires_grad``.
 
@@ -98,7 +100,6 @@ class GradientFlow:
             if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], nn.Module)):
                 raise TypeError("GradientFlow: blocks must be (name, module) pairs")
         self.block_names = [n for n, _ in self.blocks]
-        self.device = chosen[0][1].device
         self._num_params = len(chosen)
         # Buffer layout per step: [param norms | block input | block branch | block shortcut].
         # The block slots hold squared norms until step() takes their square root.
@@ -112,27 +113,31 @@ class GradientFlow:
             self._handles.append(param.register_post_accumulate_grad_hook(self._param_hook(index)))
         for index, (_, block) in enumerate(self.blocks):
             self._handles.append(block.register_forward_pre_hook(self._block_input_hook(index)))
-            self._handles.append(block.conv1.register_forward_pre_hook(self._branch_input_hook(index)))
+            branch_entry = getattr(block, "conv1", None)
+            if isinstance(branch_entry, nn.Module):
+                self._handles.append(branch_entry.register_forward_pre_hook(self._branch_input_hook(index)))
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.step()))
 
     # ----------------------------------------------------------------------------------- recording
-    def _buffer(self) -> torch.Tensor:
+    def _buffer(self, grad: torch.Tensor) -> torch.Tensor:
+        """This step's record, created on the device of the first gradient seen in the step."""
         if self._current is None:
-            self._current = torch.full((self._width,), math.nan, dtype=torch.float32, device=self.device)
+            self._current = torch.full((self._width,), math.nan, dtype=torch.float32, device=grad.device)
             self._written_blocks = set()
         return self._current
 
     def _param_hook(self, index: int):
         def hook(param: torch.Tensor) -> None:
             if param.grad is not None:
-                self._buffer()[index] = _grad_norm(param.grad).to(self.device, non_blocking=True)
+                row = self._buffer(param.grad)
+                row[index] = _grad_norm(param.grad).to(row.device, non_blocking=True)
         return hook
 
     def _add_block(self, index: int, field: int, grad: torch.Tensor) -> None:
         slot = self._block_offset + field * len(self.blocks) + index
-        row = self._buffer()
-        square = _grad_norm(grad).to(self.device, non_blocking=True).square()
+        row = self._buffer(grad)
+        square = _grad_norm(grad).to(row.device, non_blocking=True).square()
         if slot in self._written_blocks:  # host-side bookkeeping: no device sync
             row[slot] += square
         else:
@@ -222,7 +227,11 @@ class GradientFlow:
         if self._host_cache is None:
             if not self._rows:
                 raise RuntimeError("GradientFlow: nothing recorded yet (run a backward pass first)")
-            self._host_cache = torch.stack(self._rows).cpu()
+            devices = {row.device for row in self._rows}
+            if len(devices) == 1:
+                self._host_cache = torch.stack(self._rows).cpu()
+            else:  # the model moved between steps: one transfer per device-run of rows is unavoidable
+                self._host_cache = torch.stack([row.cpu() for row in self._rows])
         return self._host_cache
 
     def _select(self, params: str) -> list[int]:

@@ -130,6 +130,27 @@ def test_block_split_equals_the_two_paths_gradients(block_cls, inplanes, planes,
     assert g_branch > 0.05 * g_in and g_short > 0.05 * g_in  # both paths carry gradient: a real check
 
 
+def test_block_without_conv1_records_its_input_gradient_only():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return x + self.body(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), Residual())
+    x = torch.randn(3, 4)
+    flow = GradientFlow(model, blocks=[("res", model[1])])
+    h = model[0](x)
+    h.retain_grad()
+    model[1](h).sum().backward()
+    rec = flow.history()["blocks"]["res"]
+    assert rec["input"][0] == pytest.approx(h.grad.norm().item(), rel=1e-6)
+    assert math.isnan(rec["branch"][0]) and math.isnan(rec["shortcut"][0])
+
+
 def test_find_residual_blocks_in_torchvision_resnet():
     tv = pytest.importorskip("torchvision")
     model = tv.models.resnet18()
