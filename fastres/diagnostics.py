@@ -40,8 +40,10 @@ Usage::
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -266,14 +268,10 @@ class GradientFlow:
         """One dict per recorded parameter: depth, layer, shape, mean/min/max over steps of its gradient
         norm, and ``ratio_to_last``: its mean divided by the last (deepest) layer's mean."""
         names, norms = self.norms(params)
-        valid = ~torch.isnan(norms)
-        count = valid.sum(0)
-        filled = torch.where(valid, norms, torch.zeros_like(norms))
-        mean = torch.where(count > 0, filled.sum(0) / count.clamp(min=1), torch.full_like(count, math.nan, dtype=torch.float32))
-        low = torch.where(valid, norms, torch.full_like(norms, math.inf)).amin(0)
-        high = torch.where(valid, norms, torch.full_like(norms, -math.inf)).amax(0)
-        low = torch.where(count > 0, low, torch.full_like(low, math.nan))
-        high = torch.where(count > 0, high, torch.full_like(high, math.nan))
+        with warnings.catch_warnings():  # a layer with no gradient in any step gives NaN, not a warning
+            warnings.simplefilter("ignore", RuntimeWarning)
+            values = norms.numpy()
+            mean, low, high = (torch.from_numpy(f(values, axis=0)) for f in (np.nanmean, np.nanmin, np.nanmax))
         last = mean[-1].item()
         no_reference = last == 0.0 or math.isnan(last)
         shapes = dict(zip(self.param_names, self.param_shapes))

@@ -253,7 +253,8 @@ def test_demo_quick_mode_writes_its_files(tmp_path):
     ratio["start"] = 500.0
     assert "plain_bn: at step 0 ratio 500 (exploding toward the input" in demo.verdict(results)
     ratio["start"] = 0.01
-    assert "plain_bn: at step 0 ratio 0.01 (vanishing: the first layer's gradient is 100x smaller" in demo.verdict(results)
+    assert ("plain_bn: at step 0 ratio 0.01 (vanishing: the first layer's gradient is 100x smaller"
+            in demo.verdict(results))
     results["nets"]["residual"]["spread_max_over_min"]["start"] = 1e9
     assert "residual network's spread (1e+09) is larger than plain_bn's" in demo.verdict(results)
 

@@ -14,8 +14,8 @@ Every step is recorded with ``fastres.diagnostics.GradientFlow``. The run writes
 ``loss_curves.png``; ``grad_norm_by_depth.png`` (main-path weight gradient norms by depth at the first
 and last step, and the residual network's shortcut-vs-branch split); ``summary_<net>.txt``
 (``GradientFlow.summary()``; ``--per-net-plots`` adds ``GradientFlow.plot()`` as ``grad_flow_<net>.png``);
-``results.json`` (every measured number; non-finite ones, e.g. an infinite spread, as null); and ``verdict.txt``: sentences computed from the numbers in
-``results.json``, saying what was measured.
+``results.json`` (every measured number; non-finite ones, e.g. an infinite spread, as null); and
+``verdict.txt``: sentences computed from the numbers in ``results.json``, saying what was measured.
 
 Data: synthetic by default (10 classes of smooth random templates plus noise, fixed seed), or CIFAR-10
 read from ``--cifar10 ROOT`` (torchvision's layout, never downloaded). The default size (width 8, batch
@@ -512,7 +512,8 @@ def run(argv=None) -> dict:
     backend = "torch" if device.type == "cpu" else fastres.get_backend()
     results = {"config": {"depth": args.depth, "steps": args.steps, "device": str(device), "width": args.width,
                           "batch_size": args.batch_size, "image_size": args.image_size, "lr": args.lr,
-                          "seed": args.seed, "data": data, "cpu_threads": torch.get_num_threads(), "residual_block": block_desc,
+                          "seed": args.seed, "data": data, "cpu_threads": torch.get_num_threads(),
+                          "residual_block": block_desc,
                           "fastres_backend": backend, "torch": torch.__version__},
                "nets": {}}
     log(f"residual network blocks: {block_desc}; fastres backend: {backend}; device: {device}")
