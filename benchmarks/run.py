@@ -70,10 +70,10 @@ def pick_device(args) -> torch.device | None:
 def pick_suite(args, device) -> tuple[C.Suite, tuple]:
     if args.tiny:
         suite, order = C.tiny_suite(), C.FULL_ORDER
-    elif device.type == "cpu":
-        suite, order = C.cpu_suite(), C.FULL_ORDER
     elif args.quick:
         suite, order = C.quick_suite(), C.QUICK_ORDER
+    elif device.type == "cpu":
+        suite, order = C.cpu_suite(), C.FULL_ORDER
     else:
         suite, order = C.full_suite(), C.FULL_ORDER
     if args.dtypes:
@@ -255,8 +255,14 @@ def main(argv=None) -> int:
     def _on_term(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, _on_term)
-    if args.quick:
+    previous_handler = signal.signal(signal.SIGTERM, _on_term)
+    if device.type == "cpu":
+        # One thread: on a shared CPU, OpenMP threads spinning against other work make timings
+        # swing by 1000x; single-threaded figures are stable (and are CPU figures anyway).
+        torch.set_num_threads(int(os.environ.get("FASTRES_BENCH_THREADS", "1")))
+    if args.tiny:
+        timer = H.Timer(device, warmup_ms=5, rep_ms=20, min_reps=3, cpu_budget_s=0.02, cpu_max_reps=3)
+    elif args.quick:
         timer = H.Timer(device, warmup_ms=25, rep_ms=100, min_reps=10)
     else:
         timer = H.Timer(device, warmup_ms=50, rep_ms=300, min_reps=30)
@@ -291,6 +297,7 @@ def main(argv=None) -> int:
         skipped.append(f"run interrupted ({interrupted}); the figures above are complete cases only")
     finally:
         progress.close()
+        signal.signal(signal.SIGTERM, previous_handler)
     report.write_json(results, json_path)
     report.write_markdown(results, md_path, skipped, note)
     print(f"wrote {json_path} and {md_path}", flush=True)
