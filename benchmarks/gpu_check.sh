@@ -64,12 +64,21 @@ if ((DRY)); then
     }
     check timeout command -v timeout
     check python "$PY" -c "import sys; assert sys.version_info >= (3, 10), sys.version; print(sys.version)"
-    check imports "$PY" -c "import torch, fastres, benchmarks.run, benchmarks.report, benchmarks.harness, benchmarks.cases"
-    check info "$PY" -m fastres.info
+    # one interpreter for the imports, fastres.info and the CLIs (startup is most of the cost)
+    check python-clis "$PY" - <<'EOF_PY'
+import sys
+assert sys.version_info >= (3, 10), sys.version
+import torch, fastres, fastres.info
+from benchmarks import cases, harness, report, run
+print(fastres.info.info())
+for main in (run.main, report.main):
+    try:
+        main(["--help"])
+    except SystemExit as e:
+        assert e.code in (0, None), f"--help exited with {e.code}"
+assert run.main(["--quick", "--device", "cpu", "--list"]) == 0
+EOF_PY
     check setup.py "$PY" setup.py --version
-    check cli "$PY" -m benchmarks.run --help
-    check report-cli "$PY" -m benchmarks.report --help
-    check list "$PY" -m benchmarks.run --quick --device cpu --list
     collect() {  # pytest exits 5 when it collects no test: fine here
         env TRITON_INTERPRET=1 "$PY" -m pytest tests -m gpu -q --collect-only -p no:cacheprovider
         local rc=$?; ((rc == 0 || rc == 5))
