@@ -21,7 +21,6 @@ in the same run as 2 * bytes / time of ``dst.copy_(src)`` on a large tensor.
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import itertools
 import math
@@ -287,9 +286,9 @@ def to_fastres(eager: nn.Module, case) -> nn.Module:
     convert = getattr(fastres, "convert", None)
     if convert is None:
         raise Skip("fastres.convert is not available in this fastres")
-    model = copy.deepcopy(eager)
-    converted = convert(model)
-    model = converted if isinstance(converted, nn.Module) else model
+    model = convert(eager)  # a converted copy sharing nothing with ``eager``
+    if not isinstance(model, nn.Module):
+        raise Skip(f"fastres.convert returned {type(model).__name__}, not a module")
     if not has_fastres_module(model):
         raise Skip(f"fastres.convert replaced no module of {type(eager).__name__}")
     return model
