@@ -274,6 +274,8 @@ def to_fastres(eager: nn.Module, case) -> nn.Module:
         import fastres
     except Exception as e:
         raise Skip(f"fastres does not import ({e})")
+    if type(eager).__module__.split(".")[0] == "fastres":
+        return fused_twin(eager, case)
     if isinstance(case, ConvCase) and hasattr(fastres, "ConvBNAct2d"):
         s = case.spec
         try:
@@ -292,6 +294,39 @@ def to_fastres(eager: nn.Module, case) -> nn.Module:
     if not has_fastres_module(model):
         raise Skip(f"fastres.convert replaced no module of {type(eager).__name__}")
     return model
+
+
+def fused_twin(eager: nn.Module, case) -> nn.Module:
+    """The fused fastres model / block for an eager one built from fastres classes with plain
+    ``nn.BatchNorm2d`` (the fallback when torchvision is missing), with the same weights."""
+    import fastres
+
+    if isinstance(case, ModelCase):
+        fused = getattr(fastres.models, case.arch)()
+    else:
+        s = case.spec
+        cls = fastres.BasicBlock if s.kind == "basic" else fastres.Bottleneck
+        down = None
+        if s.downsample:
+            down = nn.Sequential(nn.Conv2d(s.inplanes, s.out_channels, 1, s.stride, bias=False),
+                                 fastres.BatchNormAct2d(s.out_channels, activation=None))
+        fused = cls(s.inplanes, s.planes, s.stride, down)
+    fused.load_state_dict(eager.state_dict())
+    return fused.to(device=next(eager.parameters()).device, memory_format=torch.channels_last)
+
+
+def unfused_fastres(name: str, *args, **kwargs) -> nn.Module:
+    """fastres.models.<name> / fastres.<name> with plain nn.BatchNorm2d + nn.ReLU: the eager
+    baseline when torchvision is not installed (same architecture and state_dict keys)."""
+    try:
+        import fastres
+        import fastres.models
+    except Exception as e:
+        raise Skip(f"torchvision is not installed and fastres.models is not available ({e})")
+    where = fastres.models if name.startswith("resnet") else fastres
+    if not hasattr(where, name):
+        raise Skip(f"torchvision is not installed and fastres has no {name}")
+    return getattr(where, name)(*args, norm_layer=nn.BatchNorm2d, **kwargs)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -408,17 +443,18 @@ def eager_block(case, device: torch.device) -> nn.Module:
                                     bias=False),
                           nn.BatchNorm2d(s.out_channels), nn.ReLU(inplace=True))
     else:
-        try:
-            from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
-        except Exception as e:
-            raise Skip(f"torchvision is needed for the eager {case.spec.kind} block ({e})")
         s = case.spec
-        cls = BasicBlock if s.kind == "basic" else Bottleneck
         down = None
         if s.downsample:
-            down = nn.Sequential(conv1x1(s.inplanes, s.out_channels, s.stride),
+            down = nn.Sequential(nn.Conv2d(s.inplanes, s.out_channels, 1, s.stride, bias=False),
                                  nn.BatchNorm2d(s.out_channels))
-        m = cls(s.inplanes, s.planes, s.stride, down)
+        name = "BasicBlock" if s.kind == "basic" else "Bottleneck"
+        try:
+            from torchvision.models import resnet as tv_resnet
+        except ImportError:
+            m = unfused_fastres(name, s.inplanes, s.planes, s.stride, down)
+        else:
+            m = getattr(tv_resnet, name)(s.inplanes, s.planes, s.stride, down)
     return m.to(device=device, memory_format=torch.channels_last)
 
 
@@ -472,13 +508,15 @@ def build_block(case, impl: str, dtype: torch.dtype, device: torch.device,
 
 def build_model(case: ModelCase, impl: str, dtype: torch.dtype, device: torch.device,
                 compile_mode: Optional[str] = None) -> dict:
-    """torchvision ResNet: SGD training step (forward, backward, step) and eval forward."""
+    """torchvision's ResNet (fastres.models with plain nn.BatchNorm2d when torchvision is missing):
+    SGD training step (forward, cross-entropy, backward, step) and eval forward."""
+    torch.manual_seed(0)
     try:
         import torchvision
-    except Exception as e:
-        raise Skip(f"torchvision is needed for the model-level eager baseline ({e})")
-    torch.manual_seed(0)
-    eager = getattr(torchvision.models, case.arch)(weights=None)
+    except ImportError:
+        eager = unfused_fastres(case.arch)
+    else:
+        eager = getattr(torchvision.models, case.arch)(weights=None)
     eager = eager.to(device=device, memory_format=torch.channels_last)
     model = make_impl_model(eager, case, impl, compile_mode)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3,

@@ -52,6 +52,8 @@ def parse_args(argv=None):
                    "max-autotune-no-cudagraphs otherwise)")
     p.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="start no new case after this many seconds (the rest is listed as skipped)")
+    p.add_argument("--no-cudnn-benchmark", action="store_true",
+                   help="leave torch.backends.cudnn.benchmark off (default: on, for every impl)")
     p.add_argument("--no-plot", action="store_true", help="do not write speedups.png")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     return p.parse_args(argv)
@@ -240,6 +242,11 @@ def main(argv=None) -> int:
     if compile_mode in ("default", "none", ""):
         compile_mode = None
     note = ""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
+        note = (f"torch.compile mode: {compile_mode or 'default'}; cudnn.benchmark "
+                f"{'on' if torch.backends.cudnn.benchmark else 'off'} for every implementation; "
+                f"no CUDA graphs; {'--quick' if args.quick else 'full suite'}.")
     if device.type == "cpu":
         note = ("CPU figures — not GPU performance; " + committed_results_note())
         print(note, flush=True)
@@ -312,7 +319,7 @@ def main(argv=None) -> int:
             print(f"  - {s}", flush=True)
         if len(skipped) > 40:
             print(f"  ... and {len(skipped) - 40} more in {md_path}", flush=True)
-    if note:
+    if device.type == "cpu":
         print("\n" + note, flush=True)
     print(f"total {time.perf_counter() - t_start:.0f}s", flush=True)
     return 130 if interrupted else 0
