@@ -85,6 +85,25 @@ def test_pool_size_rotates_only_inputs_that_fit_in_l2():
         assert H.pool_size(torch.device("cuda"), l2 // 2) == 8
 
 
+def test_eager_fallback_without_torchvision(monkeypatch):
+    """Without torchvision the eager block is fastres's class with plain nn.BatchNorm2d + ReLU, and the
+    fused one computes the same thing from the same weights."""
+    fastres = pytest.importorskip("fastres")
+    if not hasattr(fastres, "models") or not hasattr(fastres, "BatchNormAct2d"):
+        pytest.skip("fastres.models is not on this branch yet")
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision -> ImportError
+    case = C.block_cases(2, 16, "resnet18")[1]  # BasicBlock 64->128 s2 with downsample
+    assert case.spec.downsample
+    cpu = torch.device("cpu")
+    eager = H.eager_block(case, cpu)
+    assert not any(isinstance(m, fastres.BatchNormAct2d) for m in eager.modules())
+    fused = H.to_fastres(eager, case)
+    assert sum(isinstance(m, fastres.BatchNormAct2d) for m in fused.modules()) == 3
+    x = torch.randn(H.block_input_shape(case))
+    with fastres.use_backend("torch"):
+        torch.testing.assert_close(fused(x), eager(x))
+
+
 def _results(records):
     return {"device": "test", "torch": "t", "triton": None, "cuda": None, "commit": None,
             "date": "2026-01-01T00:00:00+00:00", "records": records}
@@ -217,3 +236,20 @@ def test_gpu_check_usage():
     proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def test_a_failing_implementation_does_not_stop_the_case(monkeypatch):
+    def broken(activation):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(H, "fastres_bn_act", broken)
+    case = C.OpCase(2, C.BNSpec(4, 3, 3, True, "relu"))
+    cpu = torch.device("cpu")
+    timer = H.Timer(cpu, cpu_budget_s=0.0, cpu_max_reps=3)
+    logged = []
+    records, notes, text = run.run_unit(case, "float32", ["eager", "fastres-torch"], cpu, timer,
+                                        None, 1.0, logged.append)
+    assert [(r["impl"], r["mode"]) for r in records] == [("eager", "fwd"), ("eager", "bwd")]
+    assert notes == [f"op {case.name} float32 fastres-torch: FAILED — RuntimeError: boom"]
+    assert any("RuntimeError: boom" in line for line in logged)  # the traceback is logged
+    assert all(r["gbps"] > 0 and r["pct_copy_bw"] == pytest.approx(100 * r["gbps"]) for r in records)
