@@ -55,7 +55,7 @@ if ((DRY)); then
     echo "would run:"
     echo "  TORCH_CUDA_ARCH_LIST=<this GPU's capability> MAX_JOBS=$NPROC timeout ${BUILD_S}s $PY setup.py build_ext --inplace > build.log"
     echo "  timeout ${TESTS_S}s $PY -m pytest tests -m gpu -q > tests.log"
-    echo "  timeout -s INT <what is left of ${TOTAL_S}s> $PY -m benchmarks.run --quick --out OUTDIR --time-budget <that - 60s> > bench.log"
+    echo "  timeout <what is left of ${TOTAL_S}s> $PY -m benchmarks.run --quick --out OUTDIR --time-budget <that - 60s> > bench.log"
     echo "  $PY -m benchmarks.report OUTDIR/results.json >> summary.txt"
     ok=1
     check() {  # check NAME COMMAND...: run it, log its output, record ok / FAILED
@@ -142,12 +142,12 @@ else
     stage tests "FAILED (rc $rc) in $((SECONDS - t0))s: $last"; FAILED=1
 fi
 
-# 3. the benchmark (SIGINT on time-out: the runner still writes the reports of finished cases)
+# 3. the benchmark (SIGTERM on time-out: the runner still writes the reports of finished cases)
 BENCH_S=$(bench_budget)
 START_BY=$((BENCH_S - 60))  # no new case after this: the last one (a model compile) may take ~60 s
 ((START_BY < BENCH_S / 2)) && START_BY=$((BENCH_S / 2))
 t0=$SECONDS
-timeout -s INT -k 20 "$BENCH_S" "$PY" -m benchmarks.run --quick --out "$OUT" \
+timeout -k 20 "$BENCH_S" "$PY" -m benchmarks.run --quick --out "$OUT" \
     --time-budget "$START_BY" >"$OUT/bench.log" 2>&1
 rc=$?
 if [[ ! -s "$OUT/results.json" ]]; then

@@ -190,7 +190,8 @@ def write_plot(results: dict, path: str) -> str | None:
         ax.set_yticklabels(labels, fontsize=6 if len(labels) > 20 else 8)
         ax.invert_yaxis()
         ax.set_xlabel("speedup vs eager (higher is better)")
-        ax.set_title(f"{level} level — {results['device']}", fontsize=9)
+        cpu = " (CPU figures — not GPU performance)" if str(results["device"]).startswith("cpu") else ""
+        ax.set_title(f"{level} level — {results['device']}{cpu}", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

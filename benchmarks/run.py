@@ -259,7 +259,10 @@ def main(argv=None) -> int:
         print(f"  not run: {s}", flush=True)
 
     # SIGTERM (e.g. `timeout`) -> KeyboardInterrupt, so the reports below are still written.
+    stop = []
+
     def _on_term(signum, frame):
+        stop.append(signum)  # also stops the loop if a library swallows the exception below
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous_handler = signal.signal(signal.SIGTERM, _on_term)
@@ -285,6 +288,8 @@ def main(argv=None) -> int:
             copy_gbps, 100.0))
         print(f"device-to-device copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)
         for i, (case, dtype) in enumerate(units):
+            if stop:
+                raise KeyboardInterrupt(f"signal {stop[0]}")
             if args.time_budget is not None and time.perf_counter() - t_start > args.time_budget:
                 left = units[i:]
                 skipped.append(f"{len(left)} cases not started: time budget of {args.time_budget:.0f}s "
