@@ -228,7 +228,7 @@ def full_suite() -> Suite:
     return Suite(
         ops=op_cases(256),
         blocks=conv_cases(256) + block_cases(256, arch="resnet18") + block_cases(256),
-        models=[ModelCase("resnet18", 256, 224), ModelCase("resnet50", 256, 224)],
+        models=[ModelCase("resnet50", 256, 224), ModelCase("resnet18", 256, 224)],
         dtypes={"op": GPU_DTYPES, "block": GPU_DTYPES, "model": GPU_DTYPES},
     )
 
@@ -239,7 +239,7 @@ def quick_suite() -> Suite:
         ops=op_cases(64),
         blocks=(conv_cases(64, one_per_stage=True) + block_cases(64, arch="resnet18", one_per_stage=True)
                 + block_cases(64, one_per_stage=True)),
-        models=[ModelCase("resnet18", 64, 224), ModelCase("resnet50", 64, 224)],
+        models=[ModelCase("resnet50", 64, 224), ModelCase("resnet18", 64, 224)],
         dtypes={"op": GPU_DTYPES, "block": ("bfloat16",), "model": ("bfloat16",)},
     )
 

@@ -143,6 +143,13 @@ def markdown(results: dict, skipped=(), note: str = "") -> str:
     return "\n".join(out)
 
 
+def headline(results: dict) -> str:
+    """The model-level table, for the project README."""
+    recs = [r for r in results["records"] if r["level"] == "model"]
+    return (f"{results['device']}, torch {results['torch']}, triton {results['triton']}, "
+            f"commit {results['commit']}, {results['date']}\n\n" + table(HEADERS, rows_of(recs)))
+
+
 def write_markdown(results: dict, path: str, skipped=(), note: str = "") -> None:
     with open(path, "w") as f:
         f.write(markdown(results, skipped, note))
@@ -250,6 +257,8 @@ def main(argv=None) -> int:
     p.add_argument("--summary", metavar="FILE", help="also write the summary to FILE")
     p.add_argument("--md", action="store_true", help="rewrite results.md next to results.json")
     p.add_argument("--plot", action="store_true", help="rewrite speedups.png next to results.json")
+    p.add_argument("--headline", action="store_true",
+                   help="print only the model-level markdown table (for the README)")
     args = p.parse_args(argv)
     try:
         with open(args.results) as f:
@@ -258,6 +267,9 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:
         print(f"benchmarks.report: cannot read {args.results}: {e}", file=sys.stderr)
         return 1
+    if args.headline:
+        print(headline(results))
+        return 0
     text = summary(results)
     print(text)
     if args.summary:

@@ -11,12 +11,14 @@ import sys
 import pytest
 import torch
 
-from benchmarks import cases as C
-from benchmarks import harness as H
-from benchmarks import report
-from benchmarks import run
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `pytest tests` (not `python -m pytest`) does not put the repo on sys.path
+    sys.path.insert(0, ROOT)
+
+from benchmarks import cases as C  # noqa: E402
+from benchmarks import harness as H  # noqa: E402
+from benchmarks import report  # noqa: E402
+from benchmarks import run  # noqa: E402
 
 
 def torchvision_layers(arch, image_size=224):
@@ -157,6 +159,7 @@ def test_speedups_and_writers(tmp_path):
            "| speedup vs compile |" in md
     assert "| bn+relu 2x8x4x4 | fastres-triton | float32 | fwd | 0.500 | 40.0 | 200 |  |  | 4.00x | 2.00x |" in md
     assert "3.00 GiB" in md and "x: skipped — because" in md
+    assert "| resnet18 2x3x32x32 | fastres-cuda | bfloat16 | train_step |" in report.headline(res)
     text = report.summary(res)
     assert "resnet18 2x3x32x32" in text and "1.33x" in text
     pytest.importorskip("matplotlib")
