@@ -8,6 +8,8 @@ Skipped without a CUDA device (the CPU figures come from ``make bench``). ``make
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -16,7 +18,10 @@ pytest.importorskip("pytest_benchmark")
 from benchmarks import cases as C  # noqa: E402
 from benchmarks import harness as H  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# FASTRES_BENCH_DEVICE=cpu runs the entry points on CPU (a smoke test of this file, not a benchmark).
+DEVICE = torch.device(os.environ.get("FASTRES_BENCH_DEVICE", "cuda"))
+pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),
+                                reason="needs a CUDA device")
 
 SUITE = C.quick_suite()
 IMPLS = H.GPU_IMPLS
@@ -28,7 +33,7 @@ def _params(cases, dtypes):
 
 
 def _run(benchmark, case, impl, dtype, mode):
-    device = torch.device("cuda")
+    device = DEVICE
     why = H.impl_unavailable(impl, device)
     if why:
         pytest.skip(why)
@@ -40,7 +45,8 @@ def _run(benchmark, case, impl, dtype, mode):
             def call():
                 H._clear_grads(grads)
                 bench.fn()
-                torch.cuda.synchronize()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
 
             for _ in range(3):  # warm-up (and compilation)
                 call()
