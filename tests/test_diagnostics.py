@@ -215,6 +215,9 @@ def test_summary_plot_and_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match="pip install matplotlib"):
         flow.plot(tmp_path / "again.png")
+    monkeypatch.setitem(sys.modules, "tabulate", None)
+    with pytest.raises(ImportError, match="pip install tabulate"):
+        flow.summary()
     with pytest.raises(TypeError, match="nn.Module"):
         GradientFlow("not a model")
     with pytest.raises(ValueError, match="no trainable parameters"):
