@@ -302,13 +302,13 @@ class GradientFlow:
     def summary(self, params: str = "weights", tablefmt: str = "simple") -> str:
         """A text table (depth, layer, mean / min / max gradient norm over steps, ratio to the last layer),
         followed by a per-block table of input / branch / shortcut gradient norms when blocks exist."""
+        rows = self.stats(params)
         try:
             from tabulate import tabulate
         except ImportError as e:
             raise ImportError("GradientFlow.summary() needs tabulate: pip install tabulate (the raw numbers "
                               "are available without it from stats(), block_stats() and history())") from e
 
-        rows = self.stats(params)
         table = tabulate(
             [[r["depth"], r["layer"], r["mean"], r["min"], r["max"], r["ratio_to_last"]] for r in rows],
             headers=["depth", "layer", "mean |grad|", "min |grad|", "max |grad|", "ratio to last"],
