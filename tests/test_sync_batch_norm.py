@@ -413,6 +413,33 @@ def test_bad_arguments(bad, match):
                             args["momentum"], EPS, args["residual"], args["activation"])
 
 
+def test_convert_sync_bn_marks_every_batch_norm():
+    """sync_bn=True: every BN (also one with no ReLU after it) is a BatchNormAct2d on the "world"
+    group; the state_dict is unchanged; without torch.distributed it runs as the unsynchronised one."""
+    model = small_resnet()
+    synced, report = fastres.convert(model, sync_bn=True, return_report=True)
+    local = fastres.convert(model)
+    bns = [m for m in synced.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 5 and not report.left
+    assert all(isinstance(m, fastres.BatchNormAct2d) and m.process_group == "world" for m in bns)
+    assert all(m.process_group is None for m in local.modules()
+               if isinstance(m, fastres.BatchNormAct2d))
+    assert synced.state_dict().keys() == model.state_dict().keys()
+    x = model_batch()[0]
+    assert torch.equal(synced.train()(x), local.train()(x))
+    for a, b in zip(synced.buffers(), local.buffers()):
+        assert torch.equal(a, b)
+
+
+def test_sync_bn_bad_process_group():
+    with pytest.raises(ValueError, match="sync_bn=True"):
+        fastres.convert(small_resnet(), process_group="world")
+    with pytest.raises(TypeError, match="process_group must be"):
+        fastres.convert(small_resnet(), sync_bn=True, process_group="all of them")
+    with pytest.raises(TypeError, match="process_group must be"):
+        fastres.BatchNormAct2d(4, process_group=3)
+
+
 # --------------------------------------------------------------------------------------------------
 # NCCL on two GPUs: also against nn.SyncBatchNorm, and no host synchronisation.
 
