@@ -425,6 +425,7 @@ def test_convert_sync_bn_marks_every_batch_norm():
     assert all(m.process_group is None for m in local.modules()
                if isinstance(m, fastres.BatchNormAct2d))
     assert synced.state_dict().keys() == model.state_dict().keys()
+    local[5] = fastres.BatchNormAct2d.from_batch_norm(local[5], activation=None)
     x = model_batch()[0]
     assert torch.equal(synced.train()(x), local.train()(x))
     for a, b in zip(synced.buffers(), local.buffers()):
