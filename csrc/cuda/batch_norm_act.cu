@@ -7,6 +7,7 @@
 //   bn_backward_reduce_cuda(dy, x, mean, scale, shift, res?, relu) -> (sum dy', sum dy' * (x - mean))
 //   bn_backward_dx_cuda(dy, x, mean, scale, shift, res?, relu, a, k, c, need_dres)
 //       -> (dx = a * dy' + k * (x - mean) + c,  dres = dy' or an empty tensor)
+//       k == 0 (eval mode) drops the k term exactly, so dx stays finite for Inf/NaN x as in eager.
 //
 // dy' is dy where NOT (the pre-activation rounded to x's dtype <= 0), else 0: PyTorch's
 // threshold_backward rule, which lets NaN through. Arithmetic is fp32 for fp32/fp16/bf16 input.
@@ -41,7 +42,7 @@
 #define FASTRES_DISPATCH_KEY CUDA
 #define FASTRES_OPS_NAMESPACE fastres
 #else
-// Test-only: csrc/emulator/ compiles this file as plain C++ that runs each thread block on CPU threads
+// Test-only: csrc/emulator/ compiles this file as plain C++ that runs each thread block as CPU fibers
 // (see csrc/emulator/cuda_emulation.h), registered for CPU tensors as torch.ops.fastres_emu.*.
 #define FASTRES_DISPATCH_KEY CPU
 #define FASTRES_OPS_NAMESPACE fastres_emu
