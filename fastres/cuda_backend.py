@@ -44,7 +44,10 @@ def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: T
 def backward_dx(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
                 residual: Optional[Tensor], relu: bool, a: Tensor, k: Tensor, c: Tensor,
                 need_dres: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """(dx = a·dy' + k·(x − mean) + c, dresidual = dy' or None)."""
+    """(dx = a·dy' + k·(x − mean) + c, dresidual = dy' or None); k = c = None in eval (the kernel
+    treats an all-zero k as an exact zero term)."""
+    if k is None:
+        k = c = torch.zeros_like(a)
     dx, dres = _ops.bn_backward_dx_cuda(dy, x, mean, scale, shift, residual, relu, a, k, c,
                                         need_dres)
     return dx, (dres if need_dres else None)

@@ -28,3 +28,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Some tests (and the demo / benchmark runners they call in-process) pin torch to one thread;
+    later tests must not inherit that (torch 2.14's single-threaded CPU channels_last conv backward
+    has crashed here)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -32,7 +32,10 @@ NCHW or NHWC order, ``dy`` and ``residual`` in the same order; per-channel tenso
     apply(x, mean, scale, shift, residual, relu) -> y             y = act((x − mean)·scale + shift + r)
     backward_reduce(dy, x, mean, scale, shift, residual, relu) -> (Σdy', Σdy'·(x − mean))
     backward_dx(dy, x, mean, scale, shift, residual, relu, a, k, c, need_dres) -> (dx, dres | None)
-                                                                   dx = a·dy' + k·(x − mean) + c
+                                  dx = a·dy' + k·(x − mean) + c; k = c = None (eval): dx = a·dy'
+Elementwise math and the backward sums run in ``compute_dtype(x)``; per-channel coefficients a, k, c
+come in that dtype, mean/scale/shift in fp32 (the values the forward used, so the recomputed ReLU
+mask is the forward's).
 """
 from __future__ import annotations
 
@@ -74,8 +77,15 @@ def acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def per_channel(x: Tensor) -> Tensor:
-    return x.new_empty((x.shape[1],), dtype=acc_dtype(x))
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """Precision of the elementwise math and the backward sums inside the kernels. As ATen: its CPU
+    kernels compute float in double (acc_type<float, CPU>), its CUDA kernels in float. Batch
+    statistics stay fp32 (shifted Chan merge) on both."""
+    return torch.float64 if (x.dtype == torch.float64 or x.device.type == "cpu") else torch.float32
+
+
+def per_channel(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    return x.new_empty((x.shape[1],), dtype=dtype or acc_dtype(x))
 
 
 def channel_count(x: Tensor) -> int:
@@ -102,21 +112,23 @@ class TorchBackend:
 
     @staticmethod
     def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-        xf = x.to(acc_dtype(x))
+        xf = x.to(compute_dtype(x))
         # The mean on its own (not var_mean's) so that an inf input gives an inf mean, as eager.
         mean = xf.mean(dim=(0, 2, 3))
-        return mean, torch.var(xf, dim=(0, 2, 3), correction=0) * channel_count(x)
+        m2 = torch.var(xf, dim=(0, 2, 3), correction=0) * channel_count(x)
+        return mean.to(acc_dtype(x)), m2.to(acc_dtype(x))
 
     @classmethod
     def _pre_activation(cls, x, mean, scale, shift, residual) -> Tensor:
-        y = (x.to(mean.dtype) - cls._c(mean)) * cls._c(scale) + cls._c(shift)
+        cd = compute_dtype(x)
+        y = (x.to(cd) - cls._c(mean.to(cd))) * cls._c(scale.to(cd)) + cls._c(shift.to(cd))
         if residual is not None:
-            y = y + residual.to(mean.dtype)
+            y = y + residual.to(cd)
         return y
 
     @classmethod
     def _masked_grad(cls, dy, x, mean, scale, shift, residual, relu) -> Tensor:
-        dy = dy.to(mean.dtype)
+        dy = dy.to(compute_dtype(x))
         if relu:
             # PyTorch's threshold_backward passes the gradient unless the (rounded) output is <= 0.
             y = cls._pre_activation(x, mean, scale, shift, residual).to(x.dtype)
@@ -136,13 +148,15 @@ class TorchBackend:
     def backward_reduce(cls, dy, x, mean, scale, shift, residual, relu) -> tuple[Tensor, Tensor]:
         g = cls._masked_grad(dy, x, mean, scale, shift, residual, relu)
         sum_dy = g.sum(dim=(0, 2, 3))
-        sum_dy_xc = (g * (x.to(mean.dtype) - cls._c(mean))).sum(dim=(0, 2, 3))
+        sum_dy_xc = (g * (x.to(g.dtype) - cls._c(mean.to(g.dtype)))).sum(dim=(0, 2, 3))
         return sum_dy, sum_dy_xc
 
     @classmethod
     def backward_dx(cls, dy, x, mean, scale, shift, residual, relu, a, k, c, need_dres):
         g = cls._masked_grad(dy, x, mean, scale, shift, residual, relu)
-        dx = cls._c(a) * g + cls._c(k) * (x.to(mean.dtype) - cls._c(mean)) + cls._c(c)
+        dx = cls._c(a.to(g.dtype)) * g
+        if k is not None:
+            dx = dx + cls._c(k) * (x.to(g.dtype) - cls._c(mean.to(g.dtype))) + cls._c(c)
         out = empty_output(x)
         out.copy_(dx)
         dres = None
@@ -260,20 +274,23 @@ def batch_norm_act_backward_reduce(
     residual: Optional[Tensor],
     relu: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Per-channel fp32 (Σdy', Σdy'·x̂) with dy' the gradient through the ReLU mask."""
+    """Per-channel (Σdy', Σdy'·x̂) with dy' the gradient through the ReLU mask. Accumulated in
+    compute_dtype(x) (fp32 on CUDA, fp64 on CPU, as ATen's batch-norm backward), returned as fp64
+    so that rounding them does not add a per-channel (systematic) error to dx."""
     x, dy, residual = _prepare(x, dy, residual)
     mean, invstd = mean.to(acc_dtype(x)).contiguous(), invstd.to(acc_dtype(x)).contiguous()
     if x.numel() == 0:
-        return torch.zeros_like(mean), torch.zeros_like(mean)
+        zero = torch.zeros_like(mean, dtype=torch.float64)
+        return zero, zero.clone()
     scale, shift = _fold(invstd, weight, bias)
     sum_dy, sum_dy_xc = _backend_for(x, "backward_reduce").backward_reduce(
         dy, x, mean, scale, shift, residual, relu)
-    return sum_dy, sum_dy_xc * invstd
+    return sum_dy.double(), sum_dy_xc.double() * invstd.double()
 
 
 @batch_norm_act_backward_reduce.register_fake
 def _(dy, x, mean, invstd, weight, bias, residual, relu):
-    return per_channel(x), per_channel(x)
+    return per_channel(x, torch.float64), per_channel(x, torch.float64)
 
 
 @torch.library.custom_op("fastres::batch_norm_act_backward_dx", mutates_args=())
@@ -296,18 +313,17 @@ def batch_norm_act_backward_dx(
     x, dy, residual = _prepare(x, dy, residual)
     mean, invstd = mean.to(acc_dtype(x)).contiguous(), invstd.to(acc_dtype(x)).contiguous()
     scale, shift = _fold(invstd, weight, bias)
-    if mean_dy is None:
-        k = torch.zeros_like(scale)
-        c = torch.zeros_like(scale)
-    else:
-        k = -scale * invstd * mean_dy_xhat.to(scale.dtype)
-        c = -scale * mean_dy.to(scale.dtype)
+    cd = compute_dtype(x)
+    a = (invstd.to(cd) if weight is None else weight.to(cd) * invstd.to(cd)).contiguous()
+    k = c = None
+    if mean_dy is not None:
+        k = (-a * invstd.to(cd) * mean_dy_xhat.to(cd)).contiguous()
+        c = (-a * mean_dy.to(cd)).contiguous()
     if x.numel() == 0:
         dres = empty_output(x) if need_dresidual else x.new_empty((0,))
         return empty_output(x), dres
     dx, dres = _backend_for(x, "backward_dx").backward_dx(
-        dy, x, mean, scale, shift, residual, relu, scale, k.contiguous(), c.contiguous(),
-        need_dresidual)
+        dy, x, mean, scale, shift, residual, relu, a, k, c, need_dresidual)
     return dx, (dres if need_dresidual else x.new_empty((0,)))
 
 

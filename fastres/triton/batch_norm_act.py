@@ -11,6 +11,11 @@ Batch statistics use a Chan merge of (count, mean, M2) — never Σx² − (Σx)
 per-channel shift (the channel's first element), so input with a large common offset keeps its
 precision.
 
+Arithmetic and accumulation run in ACC (``compute_dtype``): fp32 on CUDA, as ATen's CUDA kernels do;
+fp64 for CPU tensors under the interpreter, as ATen's CPU kernels do (acc_type<float, CPU> is
+double) — so fastres is held to the same precision class as the eager op it is compared with.
+Statistics are returned in fp32 either way.
+
 The backend functions at the bottom implement the contract in ``fastres/ops/batch_norm_act.py``.
 """
 from __future__ import annotations
@@ -22,7 +27,7 @@ import triton
 import triton.language as tl
 
 from fastres.backend import triton_interpreting
-from fastres.ops.batch_norm_act import empty_output, is_nhwc
+from fastres.ops.batch_norm_act import compute_dtype, empty_output, is_nhwc
 
 
 @triton.jit
@@ -38,12 +43,12 @@ def _tile_offsets(rows, cols, C, HW, IS_NHWC: tl.constexpr):
 
 
 @triton.jit
-def _channel_shift(X, cols, cmask, HW, IS_NHWC: tl.constexpr):
+def _channel_shift(X, cols, cmask, HW, IS_NHWC: tl.constexpr, ACC: tl.constexpr):
     """The channel's first element (row 0), or 0 where that is not finite."""
     if IS_NHWC:
-        k = tl.load(X + cols, mask=cmask, other=0.0).to(tl.float32)
+        k = tl.load(X + cols, mask=cmask, other=0.0).to(ACC)
     else:
-        k = tl.load(X + cols * HW, mask=cmask, other=0.0).to(tl.float32)
+        k = tl.load(X + cols * HW, mask=cmask, other=0.0).to(ACC)
     return tl.where(tl.abs(k) < float("inf"), k, 0.0)
 
 
@@ -61,8 +66,9 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 @triton.jit
 def _round_to(y, DTYPE: tl.constexpr):
-    """fp32 → DTYPE with round-to-nearest-even. The Triton interpreter truncates fp32 → bf16, so
-    bf16 is rounded on the bits here (identical to the hardware cast on a GPU; NaN kept)."""
+    """→ DTYPE with round-to-nearest-even. The Triton interpreter truncates fp32 → bf16, so bf16 is
+    rounded on the bits here (identical to the hardware cast on a GPU; NaN kept)."""
+    y = y.to(tl.float32)
     if DTYPE == tl.bfloat16:
         bits = y.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
@@ -79,24 +85,24 @@ def _round_to(y, DTYPE: tl.constexpr):
 def _stats_partial_kernel(
     X, PART_MEAN, PART_M2,
     M, C, HW, rows_per_prog,
-    IS_NHWC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    IS_NHWC: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_g = tl.program_id(0)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    shift = _channel_shift(X, cols, cmask, HW, IS_NHWC)
+    shift = _channel_shift(X, cols, cmask, HW, IS_NHWC, ACC)
     row_begin = pid_g.to(tl.int64) * rows_per_prog
     row_end = tl.minimum(row_begin + rows_per_prog, M)
-    n_a = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    n_a = tl.zeros([BLOCK_C], dtype=ACC)
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
     for start in range(row_begin, row_end, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
         rmask = rows < row_end
         mask = rmask[:, None] & cmask[None, :]
         x = tl.load(X + _tile_offsets(rows, cols, C, HW, IS_NHWC), mask=mask, other=0.0)
-        x = tl.where(mask, x.to(tl.float32) - shift[None, :], 0.0)
-        n_b = tl.sum(rmask.to(tl.float32), axis=0)
+        x = tl.where(mask, x.to(ACC) - shift[None, :], 0.0)
+        n_b = tl.sum(rmask.to(ACC), axis=0)
         mean_b = tl.sum(x, axis=0) / n_b
         d = tl.where(mask, x - mean_b[None, :], 0.0)
         m2_b = tl.sum(d * d, axis=0)
@@ -110,23 +116,23 @@ def _stats_partial_kernel(
 def _stats_finalize_kernel(
     X, PART_MEAN, PART_M2, MEAN, M2,
     M, C, HW, rows_per_prog, G,
-    IS_NHWC: tl.constexpr, BLOCK_C: tl.constexpr,
+    IS_NHWC: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    n_a = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    n_a = tl.zeros([BLOCK_C], dtype=ACC)
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
     for g in range(0, G):
         part = g * C + cols
         mean_b = tl.load(PART_MEAN + part, mask=cmask, other=0.0)
         m2_b = tl.load(PART_M2 + part, mask=cmask, other=0.0)
-        count = tl.minimum(rows_per_prog, M - g * rows_per_prog).to(tl.float32)
-        n_b = tl.zeros([BLOCK_C], dtype=tl.float32) + count
+        count = tl.minimum(rows_per_prog, M - g * rows_per_prog).to(ACC)
+        n_b = tl.zeros([BLOCK_C], dtype=ACC) + count
         n_a, mean, m2 = _chan_merge(n_a, mean, m2, n_b, mean_b, m2_b)
-    shift = _channel_shift(X, cols, cmask, HW, IS_NHWC)
-    tl.store(MEAN + cols, mean + shift, mask=cmask)
-    tl.store(M2 + cols, m2, mask=cmask)
+    shift = _channel_shift(X, cols, cmask, HW, IS_NHWC, ACC)
+    tl.store(MEAN + cols, (mean + shift).to(tl.float32), mask=cmask)
+    tl.store(M2 + cols, m2.to(tl.float32), mask=cmask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,7 +151,7 @@ def _pre_activation(x, res, mean, scale, shift, HAS_RESIDUAL: tl.constexpr):
 def _apply_kernel(
     X, RES, Y, MEAN, SCALE, SHIFT,
     M, C, HW,
-    IS_NHWC: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    IS_NHWC: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -153,13 +159,13 @@ def _apply_kernel(
     cmask = cols < C
     mask = (rows < M)[:, None] & cmask[None, :]
     offs = _tile_offsets(rows, cols, C, HW, IS_NHWC)
-    mean = tl.load(MEAN + cols, mask=cmask, other=0.0)
-    scale = tl.load(SCALE + cols, mask=cmask, other=0.0)
-    shift = tl.load(SHIFT + cols, mask=cmask, other=0.0)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(MEAN + cols, mask=cmask, other=0.0).to(ACC)
+    scale = tl.load(SCALE + cols, mask=cmask, other=0.0).to(ACC)
+    shift = tl.load(SHIFT + cols, mask=cmask, other=0.0).to(ACC)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
     res = x
     if HAS_RESIDUAL:
-        res = tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
+        res = tl.load(RES + offs, mask=mask, other=0.0).to(ACC)
     y = _pre_activation(x, res, mean, scale, shift, HAS_RESIDUAL)
     if RELU:
         y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, as torch.relu does (max(NaN, 0) would not)
@@ -177,7 +183,7 @@ def _masked_grad(dy, x, res, mean, scale, shift, X_DTYPE: tl.constexpr,
     (zero where the output, rounded to the activation dtype, is <= 0; NaN outputs pass)."""
     if RELU:
         y = _pre_activation(x, res, mean, scale, shift, HAS_RESIDUAL)
-        y = _round_to(y, X_DTYPE).to(tl.float32)
+        y = _round_to(y, X_DTYPE).to(y.dtype)
         dy = tl.where(y <= 0.0, 0.0, dy)
     return dy
 
@@ -186,28 +192,28 @@ def _masked_grad(dy, x, res, mean, scale, shift, X_DTYPE: tl.constexpr,
 def _backward_reduce_partial_kernel(
     DY, X, RES, MEAN, SCALE, SHIFT, PART_DY, PART_DY_XC,
     M, C, HW, rows_per_prog,
-    IS_NHWC: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    IS_NHWC: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_g = tl.program_id(0)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    mean = tl.load(MEAN + cols, mask=cmask, other=0.0)
-    scale = tl.load(SCALE + cols, mask=cmask, other=0.0)
-    shift = tl.load(SHIFT + cols, mask=cmask, other=0.0)
+    mean = tl.load(MEAN + cols, mask=cmask, other=0.0).to(ACC)
+    scale = tl.load(SCALE + cols, mask=cmask, other=0.0).to(ACC)
+    shift = tl.load(SHIFT + cols, mask=cmask, other=0.0).to(ACC)
     row_begin = pid_g.to(tl.int64) * rows_per_prog
     row_end = tl.minimum(row_begin + rows_per_prog, M)
-    sum_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
-    sum_dy_xc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
+    sum_dy_xc = tl.zeros([BLOCK_C], dtype=ACC)
     for start in range(row_begin, row_end, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
         mask = (rows < row_end)[:, None] & cmask[None, :]
         offs = _tile_offsets(rows, cols, C, HW, IS_NHWC)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
         res = x
         if HAS_RESIDUAL:
-            res = tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
+            res = tl.load(RES + offs, mask=mask, other=0.0).to(ACC)
         dy = _masked_grad(dy, x, res, mean, scale, shift, X.dtype.element_ty, HAS_RESIDUAL, RELU)
         dy = tl.where(mask, dy, 0.0)
         sum_dy += tl.sum(dy, axis=0)
@@ -221,8 +227,8 @@ def _backward_reduce_partial_kernel(
 def _sum_partials_kernel(PART_A, PART_B, OUT_A, OUT_B, C, G, BLOCK_C: tl.constexpr):
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    acc_a = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_C], dtype=PART_A.dtype.element_ty)
+    acc_b = tl.zeros([BLOCK_C], dtype=PART_B.dtype.element_ty)
     for g in range(0, G):
         part = g * C + cols
         acc_a += tl.load(PART_A + part, mask=cmask, other=0.0)
@@ -236,26 +242,29 @@ def _backward_dx_kernel(
     DY, X, RES, DX, DRES, MEAN, SCALE, SHIFT, COEF_A, COEF_K, COEF_C,
     M, C, HW,
     IS_NHWC: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    HAS_DRES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_BATCH_STATS: tl.constexpr, HAS_DRES: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     mask = (rows < M)[:, None] & cmask[None, :]
     offs = _tile_offsets(rows, cols, C, HW, IS_NHWC)
-    mean = tl.load(MEAN + cols, mask=cmask, other=0.0)
-    scale = tl.load(SCALE + cols, mask=cmask, other=0.0)
-    shift = tl.load(SHIFT + cols, mask=cmask, other=0.0)
-    a = tl.load(COEF_A + cols, mask=cmask, other=0.0)
-    k = tl.load(COEF_K + cols, mask=cmask, other=0.0)
-    c = tl.load(COEF_C + cols, mask=cmask, other=0.0)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(MEAN + cols, mask=cmask, other=0.0).to(ACC)
+    scale = tl.load(SCALE + cols, mask=cmask, other=0.0).to(ACC)
+    shift = tl.load(SHIFT + cols, mask=cmask, other=0.0).to(ACC)
+    a = tl.load(COEF_A + cols, mask=cmask, other=0.0).to(ACC)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
     res = x
     if HAS_RESIDUAL:
-        res = tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
+        res = tl.load(RES + offs, mask=mask, other=0.0).to(ACC)
     dy = _masked_grad(dy, x, res, mean, scale, shift, X.dtype.element_ty, HAS_RESIDUAL, RELU)
-    dx = a[None, :] * dy + k[None, :] * (x - mean[None, :]) + c[None, :]
+    dx = a[None, :] * dy
+    if HAS_BATCH_STATS:  # training; in eval the term is absent (0·inf would make NaN)
+        k = tl.load(COEF_K + cols, mask=cmask, other=0.0).to(ACC)
+        c = tl.load(COEF_C + cols, mask=cmask, other=0.0).to(ACC)
+        dx = dx + k[None, :] * (x - mean[None, :]) + c[None, :]
     tl.store(DX + offs, _round_to(dx, DX.dtype.element_ty), mask=mask)
     if HAS_DRES:
         tl.store(DRES + offs, _round_to(dy, DRES.dtype.element_ty), mask=mask)
@@ -288,6 +297,9 @@ def launch_config(M: int, C: int, nhwc: bool, device: torch.device) -> dict:
                 num_warps=8 if block_r * block_c >= 4096 else 4)
 
 
+_TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
 def _geometry(x: torch.Tensor):
     N, C, H, W = x.shape
     return N * H * W, C, H * W
@@ -310,17 +322,17 @@ def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     nhwc = is_nhwc(x)
     cfg = launch_config(M, C, nhwc, x.device)
     rows_per_prog, G = _row_splits(M, C, cfg)
-    part_mean = torch.empty((G, C), dtype=torch.float32, device=x.device)
+    part_mean = torch.empty((G, C), dtype=compute_dtype(x), device=x.device)
     part_m2 = torch.empty_like(part_mean)
     _stats_partial_kernel[(G, triton.cdiv(C, cfg["BLOCK_C"]))](
         x, part_mean, part_m2, M, C, HW, rows_per_prog,
-        IS_NHWC=nhwc, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+        IS_NHWC=nhwc, ACC=_TL_DTYPE[compute_dtype(x)], BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
     mean = torch.empty(C, dtype=torch.float32, device=x.device)
     m2 = torch.empty_like(mean)
     block = _finalize_block(C)
     _stats_finalize_kernel[(triton.cdiv(C, block),)](
         x, part_mean, part_m2, mean, m2, M, C, HW, rows_per_prog, G,
-        IS_NHWC=nhwc, BLOCK_C=block)
+        IS_NHWC=nhwc, ACC=_TL_DTYPE[compute_dtype(x)], BLOCK_C=block)
     return mean, m2
 
 
@@ -333,7 +345,7 @@ def apply(x, mean, scale, shift, residual, relu):
     _apply_kernel[grid](
         x, x if residual is None else residual, y, mean, scale, shift, M, C, HW,
         IS_NHWC=nhwc, HAS_RESIDUAL=residual is not None, RELU=relu,
-        BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+        ACC=_TL_DTYPE[compute_dtype(x)], BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
     return y
 
 
@@ -342,14 +354,14 @@ def backward_reduce(dy, x, mean, scale, shift, residual, relu):
     nhwc = is_nhwc(x)
     cfg = launch_config(M, C, nhwc, x.device)
     rows_per_prog, G = _row_splits(M, C, cfg)
-    part_dy = torch.empty((G, C), dtype=torch.float32, device=x.device)
+    part_dy = torch.empty((G, C), dtype=compute_dtype(x), device=x.device)
     part_dy_xc = torch.empty_like(part_dy)
     _backward_reduce_partial_kernel[(G, triton.cdiv(C, cfg["BLOCK_C"]))](
         dy, x, x if residual is None else residual, mean, scale, shift, part_dy, part_dy_xc,
         M, C, HW, rows_per_prog,
         IS_NHWC=nhwc, HAS_RESIDUAL=residual is not None, RELU=relu,
-        BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
-    sum_dy = torch.empty(C, dtype=torch.float32, device=x.device)
+        ACC=_TL_DTYPE[compute_dtype(x)], BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+    sum_dy = torch.empty(C, dtype=part_dy.dtype, device=x.device)
     sum_dy_xc = torch.empty_like(sum_dy)
     block = _finalize_block(C)
     _sum_partials_kernel[(triton.cdiv(C, block),)](
@@ -366,7 +378,8 @@ def backward_dx(dy, x, mean, scale, shift, residual, relu, a, k, c, need_dres):
     grid = (triton.cdiv(M, cfg["BLOCK_R"]), triton.cdiv(C, cfg["BLOCK_C"]))
     _backward_dx_kernel[grid](
         dy, x, x if residual is None else residual, dx, dx if dres is None else dres,
-        mean, scale, shift, a, k, c, M, C, HW,
-        IS_NHWC=nhwc, HAS_RESIDUAL=residual is not None, RELU=relu, HAS_DRES=need_dres,
+        mean, scale, shift, a, a if k is None else k, a if c is None else c, M, C, HW,
+        IS_NHWC=nhwc, HAS_RESIDUAL=residual is not None, RELU=relu,
+        HAS_BATCH_STATS=k is not None, HAS_DRES=need_dres, ACC=_TL_DTYPE[compute_dtype(x)],
         BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
     return dx, dres
