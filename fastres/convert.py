@@ -215,6 +215,9 @@ class _Converter:
             return
         problem = _bn_problem(bn) or _relu_problem(act)
         if problem:
+            if not _bn_problem(bn) and not isinstance(act, nn.ReLU) and (
+                    type(act).__module__ != "torch.nn.modules.activation"):
+                problem = f"no ReLU follows it (next: {type(act).__name__})"
             self.why_left[id(bn)] = problem
             return
         prefix = f"{name}." if name else ""

@@ -131,3 +131,23 @@ def randomize_bn(model, seed=0):
                     m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
                     m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
     return model
+
+
+def compare_wiring_fp64(fused, eager, inputs, grad_outputs, *, steps=3, train=True, lr=1e-3,
+                        what=""):
+    """The converted model against the original, both in float64 with the pure-PyTorch backend: an
+    exact check of the conversion's wiring (which BN got which residual and activation, shared
+    parameters, running-stat updates), free of fp32 rounding and of ReLU-mask ties. (1e-6, not
+    1e-15: small-batch BN in a deep net amplifies fp64 rounding ~1e8-fold after an optimizer step;
+    a wiring mistake is an O(1) difference.)"""
+    fused, eager = copy.deepcopy(fused).double(), copy.deepcopy(eager).double()
+    with fastres.use_backend("torch"):
+        f = run_steps(fused, inputs, grad_outputs, steps=steps, train=train, lr=lr,
+                      dtype=torch.float64)
+    e = run_steps(eager, inputs, grad_outputs, steps=steps, train=train, lr=lr, dtype=torch.float64)
+    assert f.keys() == e.keys(), f"{what}: compared tensors differ: {sorted(set(f) ^ set(e))}"
+    for key in f:
+        scale = max(e[key].double().abs().max().item(), 1.0) if e[key].numel() else 1.0
+        torch.testing.assert_close(f[key], e[key], rtol=1e-6, atol=1e-6 * scale,
+                                   msg=lambda m: f"{what} {key}: {m}")
+    return f, e
