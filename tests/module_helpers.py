@@ -42,10 +42,6 @@ def triton_backend_available() -> bool:
 # The module tests run the Triton kernels (under the interpreter on CPU) once that backend exists.
 TEST_BACKEND = "triton" if triton_backend_available() else "torch"
 
-# The Triton interpreter converts fp32 to bf16 by truncation (round toward zero; a GPU rounds to
-# nearest even), which doubles the kernels' bf16 rounding error relative to eager's.
-BF16_TRUNCATES = TEST_BACKEND == "triton" and interpreting() and not torch.cuda.is_available()
-
 
 def run_steps(model, inputs, grad_outputs, *, steps=3, train=True, dtype=None, residuals=None,
               autocast=False, lr=0.05):

@@ -5,7 +5,8 @@ import torch
 
 import fastres
 from fastres import models
-from module_helpers import TEST_BACKEND, compare_models, make_inputs, randomize_bn
+from module_helpers import (TEST_BACKEND, compare_models, compare_wiring_fp64, make_inputs,
+                            randomize_bn)
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -51,12 +52,26 @@ def tiny_pair(block_name, layers, **kw):
     return ours, theirs
 
 
+# N=8 at 16×16: every BN sees at least 8 values per channel (see test_convert.py).
+SHAPE = (8, 3, 16, 16)
+
+
+def test_tiny_resnet_matches_torchvision():
+    """fp32 on the test backend (Triton kernels): train step and eval, against torchvision."""
+    xs, gs = make_inputs(SHAPE, 1, seed=30), make_inputs((SHAPE[0], 5), 1, seed=31)
+    ours, theirs = tiny_pair("BasicBlock", [1, 1, 1, 1])
+    compare_models(ours, theirs, xs, gs, steps=1, train=True, what="train")
+    ours, theirs = tiny_pair("BasicBlock", [1, 1, 1, 1])
+    compare_models(ours, theirs, xs, gs, steps=1, train=False, what="eval")
+
+
 @pytest.mark.parametrize("block_name", ["BasicBlock", "Bottleneck"])
-def test_tiny_resnet_matches_torchvision(block_name):
-    ours, theirs = tiny_pair(block_name, [1, 1, 1, 1])
-    xs, gs = make_inputs((2, 3, 32, 32), 1, seed=30), make_inputs((2, 5), 1, seed=31)
-    compare_models(ours, theirs, xs, gs, steps=1, train=True, what=f"{block_name} train")
-    compare_models(ours, theirs, xs, gs, steps=1, train=False, what=f"{block_name} eval")
+def test_resnet_wiring_matches_torchvision(block_name):
+    """fp64 (torch backend): outputs, gradients, parameters and running stats after the steps."""
+    steps, layers = (3, [2, 1, 1, 1]) if block_name == "BasicBlock" else (1, [1, 1, 1, 1])
+    xs, gs = make_inputs(SHAPE, steps, seed=33), make_inputs((SHAPE[0], 5), steps, seed=34)
+    ours, theirs = tiny_pair(block_name, layers)
+    compare_wiring_fp64(ours, theirs, xs, gs, steps=steps, what=block_name)
 
 
 def test_checkpoint_round_trip_strict():

@@ -10,7 +10,7 @@ from torch import nn
 
 import fastres
 from fastres import BatchNormAct2d, BasicBlock, Bottleneck, ConvBNAct2d
-from module_helpers import BF16_TRUNCATES, TEST_BACKEND, compare_models, make_inputs, randomize_bn
+from module_helpers import TEST_BACKEND, compare_models, make_inputs, randomize_bn
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models import resnet as tv_resnet  # noqa: E402
@@ -246,14 +246,8 @@ def test_channels_last_module():
     assert f["step0.output"].is_contiguous(memory_format=torch.channels_last)
 
 
-bf16_interpreter = pytest.mark.xfail(
-    BF16_TRUNCATES, strict=False,
-    reason="the Triton interpreter truncates fp32 -> bf16 instead of rounding to nearest")
-
-
 # One step: several SGD steps in fp16/bf16 diverge chaotically from the fp64 reference, eager too.
-@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16,
-                                                               marks=bf16_interpreter)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_and_bfloat16(dtype):
     fused, eager = block_pair("Bottleneck", 4, 2, 2)
     xs = make_inputs((2, 4, 6, 6), 1, seed=16)
@@ -268,7 +262,6 @@ def test_half_and_bfloat16(dtype):
 # rounding), and so pass or drop one element's gradient. The seeds below give data without such a
 # tie (seeds 18/19 have one: eager's bf16 bn2(x) + identity is exactly 0, the fp64 reference <= 0,
 # the fused fp32 sum of the same bf16 inputs +7e-5).
-@bf16_interpreter
 def test_autocast_bfloat16_cpu():
     fused, eager = block_pair("BasicBlock", 4, 8, 2)
     xs = make_inputs((2, 4, 6, 6), 1, seed=20)
