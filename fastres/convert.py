@@ -93,10 +93,11 @@ class _Converter:
 
     # -- helpers -----------------------------------------------------------------------------------
 
-    def fuse_bn(self, bn, activation, name):
+    def fuse_bn(self, bn, activation, name, residual=False):
         new = BatchNormAct2d.from_batch_norm(bn, activation)
         self.report.converted.append(
-            (name, type(bn).__name__, f"BatchNormAct2d(activation={activation!r})"))
+            (name, type(bn).__name__, f"BatchNormAct2d(activation={activation!r})"
+             + (" with the residual add" if residual else "")))
         return new
 
     def convert_downsample(self, downsample, name):
@@ -148,7 +149,7 @@ class _Converter:
         replace = {}
         for n, bn in zip(bn_names, bns):
             if _bn_problem(bn) is None:  # the rest run eagerly inside the fastres block
-                replace[n] = self.fuse_bn(bn, "relu", f"{name}.{n}")
+                replace[n] = self.fuse_bn(bn, "relu", f"{name}.{n}", residual=n == bn_names[-1])
             else:
                 self.why_left[id(bn)] = _bn_problem(bn)
         new = adopt(Bottleneck if bottleneck else BasicBlock, block, replace)
@@ -179,9 +180,8 @@ class _Converter:
                 self.why_left[id(bn)] = problem
                 continue
             flags[flag] = True
-            residual = flag == "fused_tail"
-            replace[bn_name] = self.fuse_bn(bn, "relu", f"{name}.{bn_name}"
-                                            + (" (+ residual)" if residual else ""))
+            replace[bn_name] = self.fuse_bn(bn, "relu", f"{name}.{bn_name}",
+                                            residual=flag == "fused_tail")
         if not flags:
             self.leave(name, block, "; ".join(problems))
             return None

@@ -57,20 +57,19 @@ SHAPE = (8, 3, 16, 16)
 
 
 def test_tiny_resnet_matches_torchvision():
-    """fp32 on the test backend (Triton kernels): train step and eval, against torchvision."""
+    """fp32 on the test backend (Triton kernels): a train step against torchvision (eval mode of
+    the same modules: test_modules.py, and resnet18 in test_convert.py)."""
     xs, gs = make_inputs(SHAPE, 1, seed=30), make_inputs((SHAPE[0], 5), 1, seed=31)
     ours, theirs = tiny_pair("BasicBlock", [1, 1, 1, 1])
     compare_models(ours, theirs, xs, gs, steps=1, train=True, what="train")
-    ours, theirs = tiny_pair("BasicBlock", [1, 1, 1, 1])
-    compare_models(ours, theirs, xs, gs, steps=1, train=False, what="eval")
 
 
 @pytest.mark.parametrize("block_name", ["BasicBlock", "Bottleneck"])
 def test_resnet_wiring_matches_torchvision(block_name):
     """fp64 (torch backend): outputs, gradients, parameters and running stats after the steps."""
-    steps, layers = (3, [2, 1, 1, 1]) if block_name == "BasicBlock" else (1, [1, 1, 1, 1])
+    steps = 2 if block_name == "BasicBlock" else 1
     xs, gs = make_inputs(SHAPE, steps, seed=33), make_inputs((SHAPE[0], 5), steps, seed=34)
-    ours, theirs = tiny_pair(block_name, layers)
+    ours, theirs = tiny_pair(block_name, [1, 1, 1, 1])
     compare_wiring_fp64(ours, theirs, xs, gs, steps=steps, what=block_name)
 
 
