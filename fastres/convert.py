@@ -4,13 +4,16 @@ modules that share the original parameter and buffer tensors (state_dict identic
 Patterns (each checked by exact class and by the forward that will run, so nothing is converted on
 a guess; torchvision and timm are never imported here, only looked up if already loaded):
 
-* torchvision ``BasicBlock`` / ``Bottleneck``         -> ``fastres.BasicBlock`` / ``fastres.Bottleneck``
-* timm ``BasicBlock`` / ``Bottleneck`` (ResNet family) -> ``fastres.nn.TimmBasicBlock`` / ``TimmBottleneck``,
-  fusing each BN whose ReLU follows it directly (drop_block, se and drop_path break the pattern there)
+* torchvision ``BasicBlock`` / ``Bottleneck`` -> ``fastres.BasicBlock`` / ``fastres.Bottleneck``
+* timm ``BasicBlock`` / ``Bottleneck`` (ResNet family) -> ``fastres.nn.TimmBasicBlock`` /
+  ``TimmBottleneck``, fusing each BN whose ReLU follows it directly (drop_block, se and drop_path
+  break the pattern there)
 * the stem of torchvision's / timm's ``ResNet`` (``bn1`` then ``relu`` / ``act1``) and any
-  ``nn.Sequential`` holding ``BatchNorm2d`` then ``ReLU`` (timm's deep stem, ``Conv2dNormActivation``):
+  ``nn.Sequential`` holding ``BatchNorm2d`` then ``ReLU`` (timm's deep stem,
+  ``Conv2dNormActivation``):
   the BN becomes ``BatchNormAct2d(activation="relu")`` and the ReLU ``nn.Identity``
-* the ``BatchNorm2d`` ending a converted block's downsample ``nn.Sequential`` -> ``BatchNormAct2d(None)``
+* the ``BatchNorm2d`` ending a converted block's downsample ``nn.Sequential`` ->
+  ``BatchNormAct2d(activation=None)``
 
 Modules with hooks, BN subclasses (SyncBatchNorm, ...) and other activations are left as they are.
 """
@@ -35,7 +38,7 @@ log = logging.getLogger("fastres")
 
 @dataclasses.dataclass
 class ConversionReport:
-    """What ``convert`` did: ``converted`` and ``left`` hold (qualified name, class name, detail)."""
+    """What ``convert`` did: ``converted`` and ``left`` list (name, class name, detail)."""
 
     converted: list = dataclasses.field(default_factory=list)
     left: list = dataclasses.field(default_factory=list)
@@ -49,7 +52,7 @@ class ConversionReport:
 
 
 def _class(module_name: str, class_name: str):
-    """A class from a library only if that library is already imported (then the model may use it)."""
+    """A class of a library that is already imported (only then can the model hold one)."""
     module = sys.modules.get(module_name)
     return getattr(module, class_name, None) if module is not None else None
 
@@ -101,7 +104,7 @@ class _Converter:
         return new
 
     def convert_downsample(self, downsample, name):
-        """The BN ending a downsample nn.Sequential runs through the fused op too (no activation)."""
+        """The BN ending a downsample nn.Sequential runs the fused op too (no activation)."""
         if (type(downsample) is nn.Sequential and len(downsample) > 0
                 and not _has_hooks(downsample)):
             last = str(len(downsample) - 1)
@@ -189,7 +192,9 @@ class _Converter:
         new.__dict__.update(flags)
         if new.downsample is not None:
             self.convert_downsample(new.downsample, f"{name}.downsample")
-        detail = type(new).__name__ + (f" (left unfused: {'; '.join(problems)})" if problems else "")
+        detail = type(new).__name__
+        if problems:
+            detail += f" (left unfused: {'; '.join(problems)})"
         self.report.converted.append((name, type(block).__name__, detail))
         return new
 
@@ -204,10 +209,11 @@ class _Converter:
         if block.se is not None:
             return f"attention ({type(block.se).__name__}) sits between BN and the residual add"
         if block.drop_path is not None:
-            return f"drop_path ({type(block.drop_path).__name__}) sits between BN and the residual add"
+            return (f"drop_path ({type(block.drop_path).__name__}) sits between BN and the "
+                    "residual add")
         return None
 
-    # -- parent patterns: a BN child followed by a ReLU child ----------------------------------------
+    # -- parent patterns: a BN child followed by a ReLU child -------------------------------------
 
     def fuse_pair(self, parent, bn_name, act_name, name):
         bn, act = parent._modules.get(bn_name), parent._modules.get(act_name)
@@ -239,7 +245,7 @@ class _Converter:
                                 "forward_intermediates")):
             self.fuse_pair(module, "bn1", "act1", name)
 
-    # -- walk ----------------------------------------------------------------------------------------
+    # -- walk -------------------------------------------------------------------------------------
 
     def visit(self, module, name):
         new = self.convert_block(module, name)

@@ -1,5 +1,6 @@
-"""Helpers for the module / model tests: run a fused model, its eager twin and an fp64 copy of the twin
-through the same optimizer steps, and hold the fused one to the tolerance rule against the fp64 copy."""
+"""Helpers for the module / model tests: run a fused model, its eager twin and an fp64 copy of the
+twin through the same optimizer steps, and hold the fused one to the tolerance rule against the fp64
+copy."""
 from __future__ import annotations
 
 import contextlib
@@ -27,7 +28,8 @@ except ImportError:  # pragma: no cover - until tests/helpers.py lands
             return
         floor = floor_ulps * _EPS[eager.dtype] * max(r.abs().max().item(), 1e-3)
         e_f, e_e = (f - r).abs().max().item(), (e - r).abs().max().item()
-        assert e_f <= 2 * e_e + floor, f"{name}: fused error {e_f:.3g} > 2 × {e_e:.3g} + {floor:.3g}"
+        assert e_f <= 2 * e_e + floor, (
+            f"{name}: fused error {e_f:.3g} > 2 × {e_e:.3g} + {floor:.3g}")
 
 
 def interpreting() -> bool:
@@ -45,9 +47,9 @@ TEST_BACKEND = "triton" if triton_backend_available() else "torch"
 
 def run_steps(model, inputs, grad_outputs, *, steps=3, train=True, dtype=None, residuals=None,
               autocast=False, lr=0.05):
-    """Run ``steps`` optimizer steps (SGD with momentum). Returns {name: tensor}: per step the output
-    and the gradients of the input, the residual and every parameter; at the end every parameter and
-    buffer. ``dtype`` casts model and inputs (the fp64 reference uses torch.float64)."""
+    """Run ``steps`` optimizer steps (SGD with momentum). Returns {name: tensor}: per step the
+    output and the gradients of the input, the residual and every parameter; at the end every
+    parameter and buffer. ``dtype`` casts model and inputs (the fp64 reference uses torch.float64)."""
     model.train(train)
     params = dict(model.named_parameters())
     opt = torch.optim.SGD(params.values(), lr=lr, momentum=0.9) if params else None

@@ -70,8 +70,8 @@ def count(model, cls):
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_torchvision_resnet_converted_matches_original(name):
     torch.manual_seed(0)
-    # Running means of O(1) (randomize_bn), as in the foundation's tests: the rule's floor scales with
-    # the reference value, and eager on CPU accumulates BN statistics in float64.
+    # Running means of O(1) (randomize_bn), as in the foundation's tests: the rule's floor scales
+    # with the reference value, and eager on CPU accumulates BN statistics in float64.
     model = randomize_bn(getattr(torchvision.models, name)(num_classes=10))
     converted, report = fastres.convert(model, return_report=True)
     block = fastres.BasicBlock if name == "resnet18" else fastres.Bottleneck
@@ -133,7 +133,8 @@ def check_sharing():
     # inplace=False: a converted copy, the original intact.
     original = torchvision.models.resnet18(num_classes=4)
     copy_ = fastres.convert(original)
-    assert copy_ is not original and type(original.layer1[0]) is torchvision.models.resnet.BasicBlock
+    assert copy_ is not original
+    assert type(original.layer1[0]) is torchvision.models.resnet.BasicBlock
     assert copy_.layer1[0].bn1.weight is not original.layer1[0].bn1.weight
     # Converting twice changes nothing more.
     again, report = fastres.convert(copy_, return_report=True)
