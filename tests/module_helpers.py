@@ -49,7 +49,8 @@ def run_steps(model, inputs, grad_outputs, *, steps=3, train=True, dtype=None, r
               autocast=False, lr=0.05):
     """Run ``steps`` optimizer steps (SGD with momentum). Returns {name: tensor}: per step the
     output and the gradients of the input, the residual and every parameter; at the end every
-    parameter and buffer. ``dtype`` casts model and inputs (the fp64 reference uses torch.float64)."""
+    parameter and buffer. ``dtype`` casts model and inputs (the fp64 reference uses
+    torch.float64)."""
     model.train(train)
     params = dict(model.named_parameters())
     opt = torch.optim.SGD(params.values(), lr=lr, momentum=0.9) if params else None

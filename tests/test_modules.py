@@ -264,8 +264,8 @@ def test_half_and_bfloat16(dtype):
 # In bf16 a block output whose pre-activation is within one bf16 ulp of 0 can flip the ReLU mask
 # between eager (which rounds the BN output to bf16 before adding the identity) and the fused op
 # (one rounding), and so pass or drop one element's gradient. The seeds below give data without
-# such a tie (seeds 18/19 have one: eager's bf16 bn2(x) + identity is exactly 0, the fp64 reference <= 0,
-# the fused fp32 sum of the same bf16 inputs +7e-5).
+# such a tie (seeds 18/19 have one: eager's bf16 bn2(x) + identity is exactly 0, the fp64
+# reference <= 0, the fused fp32 sum of the same bf16 inputs +7e-5).
 def test_autocast_bfloat16_cpu():
     fused, eager = block_pair("BasicBlock", 4, 8, 2)
     xs = make_inputs((2, 4, 6, 6), 1, seed=20)

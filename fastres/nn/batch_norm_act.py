@@ -28,7 +28,8 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     A drop-in ``nn.BatchNorm2d``: same parameters, buffers, state_dict keys,
     ``num_batches_tracked``, ``momentum=None`` (cumulative average), ``affine``,
-    ``track_running_stats`` and train/eval behaviour. In eval mode the running statistics are folded into a per-channel scale and shift.
+    ``track_running_stats`` and train/eval behaviour. In eval mode the running statistics are
+    folded into a per-channel scale and shift.
 
     ``forward(x, residual=None)``: ``residual`` (same shape as ``x``) is added after the
     normalisation and before the activation, as in a ResNet block's output.
