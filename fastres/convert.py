@@ -4,13 +4,16 @@ modules that share the original parameter and buffer tensors (state_dict identic
 Patterns (each checked by exact class and by the forward that will run, so nothing is converted on
 a guess; torchvision and timm are never imported here, only looked up if already loaded):
 
-* torchvision ``BasicBlock`` / ``Bottleneck``         -> ``fastres.BasicBlock`` / ``fastres.Bottleneck``
-* timm ``BasicBlock`` / ``Bottleneck`` (ResNet family) -> ``fastres.nn.TimmBasicBlock`` / ``TimmBottleneck``,
-  fusing each BN whose ReLU follows it directly (drop_block, se and drop_path break the pattern there)
+* torchvision ``BasicBlock`` / ``Bottleneck`` -> ``fastres.BasicBlock`` / ``fastres.Bottleneck``
+* timm ``BasicBlock`` / ``Bottleneck`` (ResNet family) -> ``fastres.nn.TimmBasicBlock`` /
+  ``TimmBottleneck``, fusing each BN whose ReLU follows it directly (drop_block, se and drop_path
+  break the pattern there)
 * the stem of torchvision's / timm's ``ResNet`` (``bn1`` then ``relu`` / ``act1``) and any
-  ``nn.Sequential`` holding ``BatchNorm2d`` then ``ReLU`` (timm's deep stem, ``Conv2dNormActivation``):
+  ``nn.Sequential`` holding ``BatchNorm2d`` then ``ReLU`` (timm's deep stem,
+  ``Conv2dNormActivation``):
   the BN becomes ``BatchNormAct2d(activation="relu")`` and the ReLU ``nn.Identity``
-* the ``BatchNorm2d`` ending a converted block's downsample ``nn.Sequential`` -> ``BatchNormAct2d(None)``
+* the ``BatchNorm2d`` ending a converted block's downsample ``nn.Sequential`` ->
+  ``BatchNormAct2d(activation=None)``
 
 Modules with hooks, BN subclasses (SyncBatchNorm, ...) and other activations are left as they are.
 """
@@ -35,7 +38,7 @@ log = logging.getLogger("fastres")
 
 @dataclasses.dataclass
 class ConversionReport:
-    """What ``convert`` did: ``converted`` and ``left`` hold (qualified name, class name, detail)."""
+    """What ``convert`` did: ``converted`` and ``left`` list (name, class name, detail)."""
 
     converted: list = dataclasses.field(default_factory=list)
     left: list = dataclasses.field(default_factory=list)
@@ -49,7 +52,7 @@ class ConversionReport:
 
 
 def _class(module_name: str, class_name: str):
-    """A class from a library only if that library is already imported (then the model may use it)."""
+    """A class of a library that is already imported (only then can the model hold one)."""
     module = sys.modules.get(module_name)
     return getattr(module, class_name, None) if module is not None else None
 
@@ -93,14 +96,15 @@ class _Converter:
 
     # -- helpers -----------------------------------------------------------------------------------
 
-    def fuse_bn(self, bn, activation, name):
+    def fuse_bn(self, bn, activation, name, residual=False):
         new = BatchNormAct2d.from_batch_norm(bn, activation)
         self.report.converted.append(
-            (name, type(bn).__name__, f"BatchNormAct2d(activation={activation!r})"))
+            (name, type(bn).__name__, f"BatchNormAct2d(activation={activation!r})"
+             + (" with the residual add" if residual else "")))
         return new
 
     def convert_downsample(self, downsample, name):
-        """The BN ending a downsample nn.Sequential runs through the fused op too (no activation)."""
+        """The BN ending a downsample nn.Sequential runs the fused op too (no activation)."""
         if (type(downsample) is nn.Sequential and len(downsample) > 0
                 and not _has_hooks(downsample)):
             last = str(len(downsample) - 1)
@@ -148,7 +152,7 @@ class _Converter:
         replace = {}
         for n, bn in zip(bn_names, bns):
             if _bn_problem(bn) is None:  # the rest run eagerly inside the fastres block
-                replace[n] = self.fuse_bn(bn, "relu", f"{name}.{n}")
+                replace[n] = self.fuse_bn(bn, "relu", f"{name}.{n}", residual=n == bn_names[-1])
             else:
                 self.why_left[id(bn)] = _bn_problem(bn)
         new = adopt(Bottleneck if bottleneck else BasicBlock, block, replace)
@@ -179,9 +183,8 @@ class _Converter:
                 self.why_left[id(bn)] = problem
                 continue
             flags[flag] = True
-            residual = flag == "fused_tail"
-            replace[bn_name] = self.fuse_bn(bn, "relu", f"{name}.{bn_name}"
-                                            + (" (+ residual)" if residual else ""))
+            replace[bn_name] = self.fuse_bn(bn, "relu", f"{name}.{bn_name}",
+                                            residual=flag == "fused_tail")
         if not flags:
             self.leave(name, block, "; ".join(problems))
             return None
@@ -189,7 +192,9 @@ class _Converter:
         new.__dict__.update(flags)
         if new.downsample is not None:
             self.convert_downsample(new.downsample, f"{name}.downsample")
-        detail = type(new).__name__ + (f" (left unfused: {'; '.join(problems)})" if problems else "")
+        detail = type(new).__name__
+        if problems:
+            detail += f" (left unfused: {'; '.join(problems)})"
         self.report.converted.append((name, type(block).__name__, detail))
         return new
 
@@ -204,10 +209,11 @@ class _Converter:
         if block.se is not None:
             return f"attention ({type(block.se).__name__}) sits between BN and the residual add"
         if block.drop_path is not None:
-            return f"drop_path ({type(block.drop_path).__name__}) sits between BN and the residual add"
+            return (f"drop_path ({type(block.drop_path).__name__}) sits between BN and the "
+                    "residual add")
         return None
 
-    # -- parent patterns: a BN child followed by a ReLU child ----------------------------------------
+    # -- parent patterns: a BN child followed by a ReLU child -------------------------------------
 
     def fuse_pair(self, parent, bn_name, act_name, name):
         bn, act = parent._modules.get(bn_name), parent._modules.get(act_name)
@@ -215,6 +221,9 @@ class _Converter:
             return
         problem = _bn_problem(bn) or _relu_problem(act)
         if problem:
+            if not _bn_problem(bn) and not isinstance(act, nn.ReLU) and (
+                    type(act).__module__ != "torch.nn.modules.activation"):
+                problem = f"no ReLU follows it (next: {type(act).__name__})"
             self.why_left[id(bn)] = problem
             return
         prefix = f"{name}." if name else ""
@@ -236,7 +245,7 @@ class _Converter:
                                 "forward_intermediates")):
             self.fuse_pair(module, "bn1", "act1", name)
 
-    # -- walk ----------------------------------------------------------------------------------------
+    # -- walk -------------------------------------------------------------------------------------
 
     def visit(self, module, name):
         new = self.convert_block(module, name)

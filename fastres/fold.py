@@ -1,11 +1,13 @@
 """``fastres.fold_bn``: an inference-only copy with every BatchNorm folded into its preceding conv.
 
-A BN in eval mode is the per-channel affine map y = (x − mean)·w/√(var + eps) + b, so after a conv it
-folds into the conv's weight (scaled per output channel) and bias. The BN is then replaced by
-``nn.Identity`` — or, for a BatchNormAct2d, by ``ResidualAct`` (the residual add and the ReLU remain).
+A BN in eval mode is the per-channel affine map y = (x − mean)·w/√(var + eps) + b, so after a
+conv it folds into the conv's weight (scaled per output channel) and bias. The BN is then replaced
+by ``nn.Identity`` — or, for a BatchNormAct2d, by ``ResidualAct`` (the residual add and the ReLU
+remain).
 
-Conv → BN pairs are found where the data flow is known: consecutive children of an ``nn.Sequential``,
-and conv{i} → bn{i} in fastres / torchvision / timm ResNet blocks and ResNet stems.
+Conv → BN pairs are found where the data flow is known: consecutive children of an
+``nn.Sequential``, and conv{i} → bn{i} in fastres / torchvision / timm ResNet blocks and ResNet
+stems.
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ def _known_pairs():
 
     classes = [(cls, [(f"conv{i}", f"bn{i}") for i in range(1, n + 1)]) for cls, n in pairs]
     classes.append((models.ResNet, [("conv1", "bn1")]))
-    for module_name, names in (("torchvision.models.resnet", ("BasicBlock", "Bottleneck", "ResNet")),
-                               ("timm.models.resnet", ("BasicBlock", "Bottleneck", "ResNet"))):
+    names = ("BasicBlock", "Bottleneck", "ResNet")
+    for module_name in ("torchvision.models.resnet", "timm.models.resnet"):
         module = sys.modules.get(module_name)
         if module is None:
             continue

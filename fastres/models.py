@@ -1,5 +1,6 @@
-"""ResNets built from fastres blocks, without torchvision. State_dict keys are torchvision's, key for
-key, so ``model.load_state_dict(torchvision_checkpoint, strict=True)`` works (and the reverse)."""
+"""ResNets built from fastres blocks, without torchvision. State_dict keys are torchvision's, key
+for key, so ``model.load_state_dict(torchvision_checkpoint, strict=True)`` works (and the
+reverse)."""
 from __future__ import annotations
 
 from typing import Any, Callable, Optional, Union

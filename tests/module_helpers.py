@@ -1,5 +1,6 @@
-"""Helpers for the module / model tests: run a fused model, its eager twin and an fp64 copy of the twin
-through the same optimizer steps, and hold the fused one to the tolerance rule against the fp64 copy."""
+"""Helpers for the module / model tests: run a fused model, its eager twin and an fp64 copy of the
+twin through the same optimizer steps, and hold the fused one to the tolerance rule against the fp64
+copy."""
 from __future__ import annotations
 
 import contextlib
@@ -27,7 +28,8 @@ except ImportError:  # pragma: no cover - until tests/helpers.py lands
             return
         floor = floor_ulps * _EPS[eager.dtype] * max(r.abs().max().item(), 1e-3)
         e_f, e_e = (f - r).abs().max().item(), (e - r).abs().max().item()
-        assert e_f <= 2 * e_e + floor, f"{name}: fused error {e_f:.3g} > 2 × {e_e:.3g} + {floor:.3g}"
+        assert e_f <= 2 * e_e + floor, (
+            f"{name}: fused error {e_f:.3g} > 2 × {e_e:.3g} + {floor:.3g}")
 
 
 def interpreting() -> bool:
@@ -42,16 +44,13 @@ def triton_backend_available() -> bool:
 # The module tests run the Triton kernels (under the interpreter on CPU) once that backend exists.
 TEST_BACKEND = "triton" if triton_backend_available() else "torch"
 
-# The Triton interpreter converts fp32 to bf16 by truncation (round toward zero; a GPU rounds to
-# nearest even), which doubles the kernels' bf16 rounding error relative to eager's.
-BF16_TRUNCATES = TEST_BACKEND == "triton" and interpreting() and not torch.cuda.is_available()
-
 
 def run_steps(model, inputs, grad_outputs, *, steps=3, train=True, dtype=None, residuals=None,
               autocast=False, lr=0.05):
-    """Run ``steps`` optimizer steps (SGD with momentum). Returns {name: tensor}: per step the output
-    and the gradients of the input, the residual and every parameter; at the end every parameter and
-    buffer. ``dtype`` casts model and inputs (the fp64 reference uses torch.float64)."""
+    """Run ``steps`` optimizer steps (SGD with momentum). Returns {name: tensor}: per step the
+    output and the gradients of the input, the residual and every parameter; at the end every
+    parameter and buffer. ``dtype`` casts model and inputs (the fp64 reference uses
+    torch.float64)."""
     model.train(train)
     params = dict(model.named_parameters())
     opt = torch.optim.SGD(params.values(), lr=lr, momentum=0.9) if params else None
@@ -131,3 +130,23 @@ def randomize_bn(model, seed=0):
                     m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
                     m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
     return model
+
+
+def compare_wiring_fp64(fused, eager, inputs, grad_outputs, *, steps=3, train=True, lr=1e-3,
+                        what=""):
+    """The converted model against the original, both in float64 with the pure-PyTorch backend: an
+    exact check of the conversion's wiring (which BN got which residual and activation, shared
+    parameters, running-stat updates), free of fp32 rounding and of ReLU-mask ties. (1e-6, not
+    1e-15: small-batch BN in a deep net amplifies fp64 rounding ~1e8-fold after an optimizer step;
+    a wiring mistake is an O(1) difference.)"""
+    fused, eager = copy.deepcopy(fused).double(), copy.deepcopy(eager).double()
+    with fastres.use_backend("torch"):
+        f = run_steps(fused, inputs, grad_outputs, steps=steps, train=train, lr=lr,
+                      dtype=torch.float64)
+    e = run_steps(eager, inputs, grad_outputs, steps=steps, train=train, lr=lr, dtype=torch.float64)
+    assert f.keys() == e.keys(), f"{what}: compared tensors differ: {sorted(set(f) ^ set(e))}"
+    for key in f:
+        scale = max(e[key].double().abs().max().item(), 1.0) if e[key].numel() else 1.0
+        torch.testing.assert_close(f[key], e[key], rtol=1e-6, atol=1e-6 * scale,
+                                   msg=lambda m: f"{what} {key}: {m}")
+    return f, e

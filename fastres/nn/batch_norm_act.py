@@ -1,4 +1,5 @@
-"""BatchNormAct2d, ConvBNAct2d and ResidualAct: modules over ``fastres.functional.batch_norm_act``."""
+"""BatchNormAct2d, ConvBNAct2d and ResidualAct: modules over
+``fastres.functional.batch_norm_act``."""
 from __future__ import annotations
 
 from typing import Optional
@@ -36,9 +37,10 @@ def check_process_group(process_group):
 class BatchNormAct2d(nn.BatchNorm2d):
     """``act(BatchNorm2d(x) + residual)`` in fused kernels.
 
-    A drop-in ``nn.BatchNorm2d``: same parameters, buffers, state_dict keys, ``num_batches_tracked``,
-    ``momentum=None`` (cumulative average), ``affine``, ``track_running_stats`` and train/eval
-    behaviour. In eval mode the running statistics are folded into a per-channel scale and shift.
+    A drop-in ``nn.BatchNorm2d``: same parameters, buffers, state_dict keys,
+    ``num_batches_tracked``, ``momentum=None`` (cumulative average), ``affine``,
+    ``track_running_stats`` and train/eval behaviour. In eval mode the running statistics are
+    folded into a per-channel scale and shift.
 
     ``forward(x, residual=None)``: ``residual`` (same shape as ``x``) is added after the
     normalisation and before the activation, as in a ResNet block's output.

@@ -1,8 +1,9 @@
 """ResNet blocks whose BN → ReLU and BN → add → ReLU run as one fused op each.
 
-``BasicBlock`` and ``Bottleneck`` follow torchvision's constructor, ``expansion`` and attribute names,
-so their state_dicts are torchvision's key for key. ``TimmBasicBlock`` and ``TimmBottleneck`` are what
-``fastres.convert`` turns timm's ResNet blocks into: the same children (same keys), a fused forward.
+``BasicBlock`` and ``Bottleneck`` follow torchvision's constructor, ``expansion`` and attribute
+names, so their state_dicts are torchvision's key for key. ``TimmBasicBlock`` and ``TimmBottleneck``
+are what ``fastres.convert`` turns timm's ResNet blocks into: the same children (same keys), a fused
+forward.
 """
 from __future__ import annotations
 
@@ -118,9 +119,9 @@ class Bottleneck(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# timm's ResNet blocks, converted. Built only by ``fastres.convert`` (which checks the pattern): each
-# BN that is directly followed by its ReLU holds it fused (``fused_*`` flags); the rest runs exactly
-# as timm's forward does.
+# timm's ResNet blocks, converted. Built only by ``fastres.convert`` (which checks the pattern):
+# each BN that is directly followed by its ReLU holds it fused (``fused_*`` flags); the rest runs
+# exactly as timm's forward does.
 
 
 class TimmBasicBlock(nn.Module):
