@@ -1,0 +1,314 @@
+"""Normalized convolution: conv2d whose input may be the BN-apply + ReLU of a raw conv output
+(prologue) and whose output's batch statistics come with it (epilogue). Custom-op schemas, fake and
+autograd, backend dispatch, and the pure-PyTorch reference backend.
+
+Math (one op, ``fastres::norm_conv_fwd``):
+
+    a    = relu(x·scale[c] + shift[c])  if scale/shift are given (rounded to x's dtype), else x
+    y    = conv2d(a, weight, stride, padding, dilation, groups)      zero padding of a, not of x
+    mean = mean(y) over (N, P, Q),  var = biased variance, both fp32 of the stored y  (collect_stats)
+
+For a chain conv_a → BN_a → ReLU → conv_b, x is conv_a's raw output y_a and
+(scale, shift) = (w_a·invstd_a, b_a − mean_a·w_a·invstd_a) come from ``bn_fold`` — ordinary
+differentiable torch math on the per-channel statistics — so autograd composes exactly:
+
+    backward of norm_conv_fwd, given (dy, dmean, dvar):
+        g      = dy + dmean/M + dvar·2(y − mean)/M          (the statistics' gradient, M = N·P·Q)
+        da     = conv2d_input(g, weight)                      dgrad
+        da'    = da · [not round(x·scale+shift) ≤ 0]          ReLU mask recomputed from raw x
+        dx     = scale·da',  dscale = Σda'·x,  dshift = Σda'  (dgrad epilogue, per channel)
+        dweight = conv2d_weight(act(x), g)                    wgrad, act(x) recomputed in the prologue
+
+and the dmean/dvar of conv_a's statistics (which flow back from scale/shift through bn_fold) are
+folded into conv_a's own backward as above. Only raw conv outputs (x, y) and per-channel fp32
+vectors are saved for backward.
+
+Custom ops (namespace ``fastres``), each with a fake implementation:
+
+    norm_conv_fwd(x, weight, scale?, shift?, stride, padding, dilation, groups, collect_stats)
+        -> (y, mean, var)                                                       autograd registered
+    norm_conv_dgrad(dy, weight, x, scale?, shift?, stride, padding, dilation, groups)
+        -> (dx, sum_da, sum_da_x)        sums are empty without the prologue
+    norm_conv_wgrad(dy, x, weight, scale?, shift?, stride, padding, dilation, groups) -> dweight
+
+Backends: "torch" (this file, F.conv2d; any groups and dtype) and "triton" (fastres/triton/conv.py:
+NHWC implicit GEMM, groups = 1, fp16 / bf16 / fp32). Everything else — other groups, fp64, the
+"cuda" backend, which has no conv — runs the torch reference. Outputs are channels_last.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastres.backend import resolve
+
+CL = torch.channels_last
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _empty_cl(shape, like: Tensor, dtype=None) -> Tensor:
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=CL)
+
+
+def _to_cl(t: Tensor) -> Tensor:
+    """A channels_last copy with exactly the strides torch.empty(memory_format=channels_last) gives
+    (so real and fake outputs agree even for size-1 dimensions)."""
+    out = _empty_cl(t.shape, t)
+    out.copy_(t)
+    return out
+
+
+def conv_output_shape(x_shape, w_shape, stride, padding, dilation) -> list[int]:
+    N, _, H, W = x_shape
+    K, _, R, S = w_shape
+    P = (H + 2 * padding[0] - dilation[0] * (R - 1) - 1) // stride[0] + 1
+    Q = (W + 2 * padding[1] - dilation[1] * (S - 1) - 1) // stride[1] + 1
+    return [N, K, P, Q]
+
+
+def _vec(v: Optional[Tensor], dtype) -> Optional[Tensor]:
+    return None if v is None else v.to(dtype).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# The pure-PyTorch reference backend (also the fallback). Tensors are logical NCHW.
+
+
+class TorchBackend:
+    name = "torch"
+
+    @staticmethod
+    def activate(x, scale, shift):
+        """relu(x·scale + shift) computed in fp32 and rounded to x's dtype, as eager BN + ReLU."""
+        if scale is None:
+            return x
+        z = x.to(scale.dtype) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        return torch.relu(z).to(x.dtype)
+
+    @classmethod
+    def fwd(cls, x, w, scale, shift, stride, padding, dilation, groups, collect_stats):
+        y = F.conv2d(cls.activate(x, scale, shift), w, None, stride, padding, dilation, groups)
+        if not collect_stats:
+            return y, None, None
+        var, mean = torch.var_mean(y.to(_acc_dtype(y)), dim=(0, 2, 3), correction=0)
+        return y, mean, var
+
+    @staticmethod
+    def dgrad(dy, w, x, scale, shift, stride, padding, dilation, groups):
+        da = torch.nn.grad.conv2d_input(x.shape, w, dy, stride, padding, dilation, groups)
+        if scale is None:
+            return da, None, None
+        acc = scale.dtype
+        z = (x.to(acc) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(x.dtype)
+        da_kept = torch.where(torch.relu(z) <= 0, 0.0, da.to(acc))  # threshold_backward's rule
+        dx = (da_kept * scale.view(1, -1, 1, 1)).to(x.dtype)
+        return dx, da_kept.sum((0, 2, 3)), (da_kept * x.to(acc)).sum((0, 2, 3))
+
+    @classmethod
+    def wgrad(cls, dy, x, w, scale, shift, stride, padding, dilation, groups):
+        return torch.nn.grad.conv2d_weight(cls.activate(x, scale, shift), w.shape, dy, stride,
+                                           padding, dilation, groups)
+
+
+class TritonBackend:
+    """Adapter from logical NCHW channels_last tensors to fastres.triton.conv's NHWC kernels."""
+    name = "triton"
+
+    @staticmethod
+    def _nhwc(t: Tensor) -> Tensor:
+        return t.permute(0, 2, 3, 1)  # dense: every tensor here is channels_last
+
+    @classmethod
+    def fwd(cls, x, w, scale, shift, stride, padding, dilation, groups, collect_stats):
+        from fastres.triton import conv
+
+        y, mean, var = conv.conv_fwd(cls._nhwc(x), cls._nhwc(w), scale, shift, stride, padding,
+                                     dilation, collect_stats)
+        return y.permute(0, 3, 1, 2), mean, var
+
+    @classmethod
+    def dgrad(cls, dy, w, x, scale, shift, stride, padding, dilation, groups):
+        from fastres.triton import conv
+
+        dx, s, sx = conv.conv_dgrad(cls._nhwc(dy), cls._nhwc(w), x.shape[2:], stride, padding,
+                                    dilation, cls._nhwc(x), scale, shift)
+        return dx.permute(0, 3, 1, 2), s, sx
+
+    @classmethod
+    def wgrad(cls, dy, x, w, scale, shift, stride, padding, dilation, groups):
+        from fastres.triton import conv
+
+        dw = conv.conv_wgrad(cls._nhwc(dy), cls._nhwc(x), w.shape[2:], stride, padding, dilation,
+                             scale, shift)
+        return dw.permute(0, 3, 1, 2)
+
+
+def _backend_for(x: Tensor, groups: int, op: str):
+    name = resolve(x.device, "norm_conv_" + op, tuple(x.shape))
+    if name in ("triton", "cuda") and groups == 1 and x.dtype in TRITON_DTYPES:
+        return TritonBackend
+    return TorchBackend
+
+
+def _prepare(x: Tensor, weight: Tensor, scale, shift):
+    acc = _acc_dtype(x)
+    return x.contiguous(memory_format=CL), weight.contiguous(memory_format=CL), \
+        _vec(scale, acc), _vec(shift, acc)
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom ops.
+
+
+@torch.library.custom_op("fastres::norm_conv_fwd", mutates_args=())
+def norm_conv_fwd(
+    x: Tensor,
+    weight: Tensor,
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    collect_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, var): y = conv2d(relu(x·scale + shift) or x, weight) in channels_last; mean and
+    biased var of y per output channel (fp32) when collect_stats, else empty tensors."""
+    x, weight, scale, shift = _prepare(x, weight, scale, shift)
+    out_shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
+    collect = collect_stats and out_shape[0] * out_shape[2] * out_shape[3] > 0
+    if x.numel() == 0 or weight.numel() == 0:
+        y = F.conv2d(TorchBackend.activate(x, scale, shift), weight, None, stride, padding,
+                     dilation, groups)
+        mean = var = None
+        if collect:
+            var, mean = torch.var_mean(y.to(_acc_dtype(y)), dim=(0, 2, 3), correction=0)
+    else:
+        backend = _backend_for(x, groups, "fwd")
+        y, mean, var = backend.fwd(x, weight, scale, shift, stride, padding, dilation, groups,
+                                   collect)
+    if collect_stats and not collect:  # no output pixels: NaN statistics, as torch.var_mean gives
+        mean = torch.full((out_shape[1],), float("nan"), dtype=_acc_dtype(x), device=x.device)
+        var = mean.clone()
+    if mean is None:
+        mean, var = x.new_empty((0,), dtype=_acc_dtype(x)), x.new_empty((0,), dtype=_acc_dtype(x))
+    return _to_cl(y), mean, var
+
+
+@norm_conv_fwd.register_fake
+def _(x, weight, scale, shift, stride, padding, dilation, groups, collect_stats):
+    out_shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
+    n = out_shape[1] if collect_stats else 0
+    return (_empty_cl(out_shape, x), x.new_empty((n,), dtype=_acc_dtype(x)),
+            x.new_empty((n,), dtype=_acc_dtype(x)))
+
+
+@torch.library.custom_op("fastres::norm_conv_dgrad", mutates_args=())
+def norm_conv_dgrad(
+    dy: Tensor,
+    weight: Tensor,
+    x: Tensor,
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, Σda', Σda'·x). Without scale/shift: dx = conv2d_input(dy, weight) and empty sums. With
+    them, dx is the gradient wrt raw x of relu(x·scale + shift) and the fp32 sums are per channel."""
+    x, weight, scale, shift = _prepare(x, weight, scale, shift)
+    dy = dy.contiguous(memory_format=CL)
+    if x.numel() == 0 or dy.numel() == 0 or weight.numel() == 0:
+        dx, s, sx = TorchBackend.dgrad(dy, weight, x, scale, shift, stride, padding, dilation,
+                                       groups)
+    else:
+        dx, s, sx = _backend_for(x, groups, "dgrad").dgrad(dy, weight, x, scale, shift, stride,
+                                                           padding, dilation, groups)
+    if s is None:
+        s, sx = x.new_empty((0,), dtype=_acc_dtype(x)), x.new_empty((0,), dtype=_acc_dtype(x))
+    return _to_cl(dx), s, sx
+
+
+@norm_conv_dgrad.register_fake
+def _(dy, weight, x, scale, shift, stride, padding, dilation, groups):
+    n = x.shape[1] if scale is not None else 0
+    return (_empty_cl(x.shape, x), x.new_empty((n,), dtype=_acc_dtype(x)),
+            x.new_empty((n,), dtype=_acc_dtype(x)))
+
+
+@torch.library.custom_op("fastres::norm_conv_wgrad", mutates_args=())
+def norm_conv_wgrad(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> Tensor:
+    """dweight = conv2d_weight(relu(x·scale + shift) or x, dy), in weight's dtype, channels_last."""
+    x, weight, scale, shift = _prepare(x, weight, scale, shift)
+    dy = dy.contiguous(memory_format=CL)
+    if x.numel() == 0 or dy.numel() == 0 or weight.numel() == 0:
+        dw = TorchBackend.wgrad(dy, x, weight, scale, shift, stride, padding, dilation, groups)
+    else:
+        dw = _backend_for(x, groups, "wgrad").wgrad(dy, x, weight, scale, shift, stride, padding,
+                                                    dilation, groups)
+    return _to_cl(dw.to(weight.dtype))
+
+
+@norm_conv_wgrad.register_fake
+def _(dy, x, weight, scale, shift, stride, padding, dilation, groups):
+    return _empty_cl(weight.shape, weight)
+
+
+# --------------------------------------------------------------------------------------------------
+# Autograd for fastres::norm_conv_fwd.
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, scale, shift, stride, padding, dilation, groups, collect_stats = inputs
+    y, mean, _ = output
+    ctx.save_for_backward(x, weight, scale, shift, y if collect_stats else None,
+                          mean if collect_stats else None)
+    ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
+
+
+def _backward(ctx, dy, dmean, dvar):
+    x, weight, scale, shift, y, mean = ctx.saved_tensors
+    need_dx, need_dw, need_dscale, need_dshift = ctx.needs_input_grad[:4]
+    g = dy.contiguous(memory_format=CL)
+    if y is not None and y.shape[1] and (dmean is not None or dvar is not None):
+        # Gradient through the batch statistics: ∂mean/∂y = 1/M, ∂var/∂y = 2(y − mean)/M.
+        m = max(y.numel() // y.shape[1], 1)
+        acc = mean.dtype
+        g = g.to(acc)
+        if dmean is not None:
+            g = g + (dmean.to(acc) / m).view(1, -1, 1, 1)
+        if dvar is not None:
+            g = g + (2.0 / m) * dvar.to(acc).view(1, -1, 1, 1) * (y.to(acc) - mean.view(1, -1, 1, 1))
+        g = g.to(dy.dtype).contiguous(memory_format=CL)
+    dx = dw = dscale = dshift = None
+    if need_dx or need_dscale or need_dshift:
+        dx, s, sx = norm_conv_dgrad(g, weight, x, scale, shift, *ctx.conv_args)
+        if scale is not None:
+            dscale = sx.to(scale.dtype) if need_dscale else None
+            dshift = s.to(shift.dtype) if need_dshift else None
+        if not need_dx:
+            dx = None
+    if need_dw:
+        dw = norm_conv_wgrad(g, x, weight, scale, shift, *ctx.conv_args)
+    return dx, dw, dscale, dshift, None, None, None, None, None
+
+
+norm_conv_fwd.register_autograd(_backward, setup_context=_setup_context)
