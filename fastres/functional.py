@@ -10,7 +10,7 @@ from fastres.ops.batch_norm_act import batch_norm_act_op, channel_count
 from fastres.ops.norm_conv import norm_conv_fwd
 
 __all__ = ["batch_norm_act", "ACTIVATIONS", "check_batch_norm_act_args", "update_running_stats",
-           "norm_conv", "bn_fold"]
+           "norm_conv", "bn_fold", "bn_fold_train"]
 
 ACTIVATIONS = ("relu", None)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -138,6 +138,21 @@ def bn_fold(mean: Tensor, var: Tensor, weight: Optional[Tensor] = None,
     if bias is not None:
         shift = shift + bias.to(scale.dtype)
     return scale, shift
+
+
+def bn_fold_train(mean: Tensor, var: Tensor, count: int, running_mean: Optional[Tensor],
+                  running_var: Optional[Tensor], weight: Optional[Tensor] = None,
+                  bias: Optional[Tensor] = None, momentum: Optional[float] = 0.1,
+                  eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Training-mode BN from batch statistics (mean, biased var over ``count`` elements, e.g. from
+    ``norm_conv(..., collect_stats=True)``): updates the running statistics in place exactly as
+    F.batch_norm does (unbiased variance; momentum None keeps them) and returns ``bn_fold(...)``."""
+    if count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got {count}")
+    if running_mean is not None and count > 1:
+        update_running_stats(running_mean, running_var, mean.detach(), var.detach(), count,
+                             0.0 if momentum is None else float(momentum))
+    return bn_fold(mean, var, weight, bias, eps)
 
 
 def norm_conv(
