@@ -290,13 +290,13 @@ def _backward(ctx, dy, dmean, dvar):
     g = dy.contiguous(memory_format=CL)
     if y is not None and y.shape[1] and (dmean is not None or dvar is not None):
         # Gradient through the batch statistics: ∂mean/∂y = 1/M, ∂var/∂y = 2(y − mean)/M.
-        m = max(y.numel() // y.shape[1], 1)
+        m = y.shape[0] * y.shape[2] * y.shape[3]
         acc = mean.dtype
         g = g.to(acc)
         if dmean is not None:
             g = g + (dmean.to(acc) / m).view(1, -1, 1, 1)
         if dvar is not None:
-            g = g + (2.0 / m) * dvar.to(acc).view(1, -1, 1, 1) * (y.to(acc) - mean.view(1, -1, 1, 1))
+            g = g + (dvar.to(acc) * 2 / m).view(1, -1, 1, 1) * (y.to(acc) - mean.view(1, -1, 1, 1))
         g = g.to(dy.dtype).contiguous(memory_format=CL)
     dx = dw = dscale = dshift = None
     if need_dx or need_dscale or need_dshift:
