@@ -103,8 +103,9 @@ def batch_norm_act(
     """
     relu = _check_activation(activation)
     check_batch_norm_act_args(input, running_mean, running_var, weight, bias, training, residual)
-    if momentum is None:
-        momentum = 0.0  # F.batch_norm semantics when given None: keep the running stats.
+    if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
+        raise TypeError(f"momentum must be a float (as for F.batch_norm), got {momentum!r}; "
+                        "BatchNormAct2d handles momentum=None (cumulative moving average)")
     use_batch_stats = training
     y, mean, var = batch_norm_act_op(input, weight, bias, residual, running_mean, running_var,
                                      use_batch_stats, float(eps), relu)

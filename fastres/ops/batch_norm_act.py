@@ -19,9 +19,11 @@ Custom ops (namespace ``fastres``), each with a fake implementation:
     batch_norm_act_backward_dx(dy, x, mean, invstd, weight?, bias?, residual?, mean_dy?, mean_dy_xhat?,
         relu, need_dresidual) -> (dx, dresidual)
 
-Saved for backward: the BN input x (the residual too, when there is one, to recompute the ReLU mask)
+Saved for backward: the BN input x (and the residual when there is a ReLU, to recompute its mask)
 and per-channel fp32 mean and variance — never the normalised or activated tensor. That is
-sizeof(dtype) bytes per element of x (2·sizeof(dtype) with a residual), plus 8 bytes per channel.
+sizeof(dtype) bytes per element of x — 2 for bf16/fp16, 4 for fp32 — or twice that with residual +
+ReLU (the residual is usually kept alive by the previous block anyway), plus 8 bytes per channel.
+Eager BN + add + ReLU saves the input, the BN output and the ReLU output: 3·sizeof(dtype).
 
 Every backend implements four kernel-level functions on validated tensors (``x`` is 4-D and dense in
 NCHW or NHWC order, ``dy`` and ``residual`` in the same order; per-channel tensors are fp32 [C]):
@@ -100,8 +102,10 @@ class TorchBackend:
 
     @staticmethod
     def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-        var, mean = torch.var_mean(x.to(acc_dtype(x)), dim=(0, 2, 3), correction=0)
-        return mean, var * channel_count(x)
+        xf = x.to(acc_dtype(x))
+        # The mean on its own (not var_mean's) so that an inf input gives an inf mean, as eager.
+        mean = xf.mean(dim=(0, 2, 3))
+        return mean, torch.var(xf, dim=(0, 2, 3), correction=0) * channel_count(x)
 
     @classmethod
     def _pre_activation(cls, x, mean, scale, shift, residual) -> Tensor:
@@ -150,6 +154,9 @@ class TorchBackend:
 
 def _backend_for(x: Tensor, op: str):
     name = resolve(x.device, op, tuple(x.shape))
+    if name != "torch" and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"fastres backend {name!r} supports float32, float16 and bfloat16, got "
+                        f"{x.dtype}; use backend 'torch' for it")
     if name == "torch":
         return TorchBackend
     if name == "triton":
@@ -185,6 +192,23 @@ def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
 @batch_norm_stats.register_fake
 def _(x):
     return per_channel(x), per_channel(x)
+
+
+def _stats_setup_context(ctx, inputs, output):
+    (x,) = inputs
+    ctx.save_for_backward(x, output[0])
+
+
+def _stats_backward(ctx, dmean, dm2):
+    """d mean/dx = 1/M, d M2/dx = 2(x − mean): lets the statistics be differentiated on their own
+    (e.g. by a caller that merges them across processes before normalising)."""
+    x, mean = ctx.saved_tensors
+    c = (1, -1, 1, 1)
+    dx = dmean.view(c) / max(channel_count(x), 1) + 2 * dm2.view(c) * (x.to(mean.dtype) - mean.view(c))
+    return dx.to(x.dtype)
+
+
+batch_norm_stats.register_autograd(_stats_backward, setup_context=_stats_setup_context)
 
 
 @torch.library.custom_op("fastres::batch_norm_act", mutates_args=())
@@ -300,8 +324,9 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, running_mean, running_var, training, eps, relu = inputs
     _, mean, var = output
     fmt = memory_format(x)
-    ctx.save_for_backward(dense(x, fmt), weight, bias,
-                          None if residual is None else dense(residual, fmt), mean, var)
+    # The residual is only needed to recompute the ReLU mask.
+    saved_residual = dense(residual, fmt) if (residual is not None and relu) else None
+    ctx.save_for_backward(dense(x, fmt), weight, bias, saved_residual, mean, var)
     ctx.training, ctx.eps, ctx.relu = training, eps, relu
     ctx.has_residual = residual is not None
 

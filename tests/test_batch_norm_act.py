@@ -1,0 +1,392 @@
+"""fastres.functional.batch_norm_act against eager F.batch_norm (+ residual) (+ ReLU), by the tolerance
+rule: err(fused, fp64) <= 2·err(eager same dtype, fp64) + floor, for the output, every gradient and
+the running statistics. On CPU the Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastres
+import fastres.triton.batch_norm_act as tbn
+from fastres.functional import batch_norm_act
+from helpers import assert_rule, assert_three, make_case, run_three
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+SHAPES = {
+    "basic": (4, 5, 3, 3),
+    "C_over_block": (2, 130, 3, 2),  # two channel blocks, the second partial
+    "NHW_odd": (3, 7, 3, 5),
+    "HW1": (6, 9, 1, 1),
+    "batch1": (1, 6, 3, 4),
+}
+GPU_SHAPES = {"resnet_like": (8, 64, 14, 14), "C_odd": (4, 131, 9, 7), "HW1": (32, 72, 1, 1)}
+
+
+@pytest.fixture(params=["triton"])
+def backend(request):
+    with fastres.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Force several chunks per program and several programs per channel block."""
+    def config(M, C, nhwc, device):
+        return dict(BLOCK_R=4, BLOCK_C=4, target_programs=6, num_warps=1)
+    monkeypatch.setattr(tbn, "launch_config", config)
+
+
+def _check(shape, dtype, device="cpu", what="", **kw):
+    case = {k: kw.pop(k) for k in ("channels_last", "residual", "affine", "stats", "mean", "std",
+                                   "seed") if k in kw}
+    x, tensors = make_case(shape, dtype, device=device, **case)
+    assert_three(run_three(x, **tensors, **kw), what)
+
+
+# --------------------------------------------------------------------------------------------------
+# Equivalence across the shape families, layouts and switches.
+
+
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
+@pytest.mark.parametrize("activation", ["relu", None], ids=["relu", "noact"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fp32_families(backend, shape_name, channels_last, residual, activation, training):
+    _check(SHAPES[shape_name], torch.float32, channels_last=channels_last, residual=residual,
+           activation=activation, training=training)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape_name", ["basic", "C_over_block", "NHW_odd"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_half_dtypes(backend, dtype, shape_name, channels_last, training):
+    _check(SHAPES[shape_name], dtype, channels_last=channels_last, residual=True,
+           activation="relu", training=training)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_params_in_activation_dtype(backend, dtype):
+    x, kw = make_case((3, 6, 4, 3), dtype, channels_last=True, residual=True)
+    assert_three(run_three(x, **kw, param_dtype=dtype))
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.1, 0.5, 1.0])
+def test_momentum(backend, momentum):
+    _check((3, 5, 2, 3), torch.float32, momentum=momentum)
+
+
+def test_momentum_none_is_rejected_like_eager(backend):
+    x, kw = make_case((2, 3, 2, 2), torch.float32)
+    with pytest.raises(TypeError, match="momentum"):
+        batch_norm_act(x, kw["running_mean"], kw["running_var"], training=True, momentum=None)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_affine_off(backend, training):
+    _check((3, 5, 2, 3), torch.float32, affine=False, residual=True, training=training)
+
+
+def test_running_stats_off(backend):
+    _check((3, 5, 2, 3), torch.float32, stats=False, residual=True, training=True)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_large_mean_input(backend, channels_last, dtype):
+    """Mean 1e3, std 1: Σx² − (Σx)² would lose every digit; a shifted Chan merge must not."""
+    _check((4, 6, 5, 5), dtype, channels_last=channels_last, mean=1e3, std=1.0, residual=True)
+
+
+def test_multi_chunk_and_multi_program_merge(backend, small_tiles):
+    for channels_last in (False, True):
+        _check((2, 6, 5, 3), torch.float32, channels_last=channels_last, residual=True,
+               mean=50.0, what=f"small tiles, channels_last={channels_last}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_nan_inf_propagate_like_eager(backend, small_tiles, channels_last):
+    x, kw = make_case((3, 6, 4, 3), torch.float32, channels_last=channels_last, residual=True)
+    x = x.clone()
+    x[0, 1, 0, 0] = float("nan")
+    x[2, 3, 1, 2] = float("inf")
+    x[1, 4, 3, 0] = float("-inf")
+    kw["residual"][1, 0, 2, 1] = float("nan")  # relu(NaN) must stay NaN, not become 0
+    res = run_three(x, **kw)
+    assert torch.isnan(res["fused"][0]).any()
+    assert_three(res, "nan/inf")
+
+
+def test_relu_keeps_nan_in_eval(backend):
+    x, kw = make_case((2, 3, 2, 2), torch.float32)
+    x = x.clone()
+    x[0, 0, 0, 0] = float("nan")
+    y = batch_norm_act(x, kw["running_mean"], kw["running_var"], training=False)
+    assert torch.isnan(y[0, 0, 0, 0]) and torch.isfinite(y[0, 0, 1:]).all()
+
+
+def test_non_contiguous_input(backend):
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(4, 12, 6, 9, generator=g)
+    x = base[:, ::2, 1:5, ::2]  # strided in every dimension
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    res = torch.randn(4, 6, 5, 4, generator=g).permute(0, 1, 3, 2)  # transposed residual
+    _, kw = make_case(x.shape, torch.float32)
+    kw["residual"] = res
+    assert_three(run_three(x, **kw), "non-contiguous")
+
+
+def test_zero_size_batch(backend):
+    x = torch.randn(0, 4, 3, 3, requires_grad=True)
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
+    y = batch_norm_act(x, rm, rv, torch.ones(4), torch.zeros(4), training=True)
+    assert y.shape == x.shape
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)  # eager leaves them untouched
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+# --------------------------------------------------------------------------------------------------
+# Determinism, saved tensors, backends.
+
+
+def test_deterministic_bitwise(backend, small_tiles):
+    x, kw = make_case((2, 6, 5, 3), torch.float32, channels_last=True, residual=True)
+    runs = [run_three(x, **kw)["fused"] for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
+def test_saves_only_the_bn_input(backend, residual):
+    """Autograd keeps the BN input (plus the residual, for the ReLU mask) and per-channel stats —
+    not the normalised or activated tensors."""
+    x, kw = make_case((3, 4, 5, 5), torch.bfloat16, channels_last=True, residual=residual)
+    x.requires_grad_()
+    r = kw["residual"]
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        batch_norm_act(x, kw["running_mean"], kw["running_var"], kw["weight"].requires_grad_(),
+                       kw["bias"], training=True, residual=r)
+    big = [t for t in saved if t.numel() == x.numel()]
+    assert any(t.data_ptr() == x.data_ptr() for t in big)
+    assert len(big) == (2 if residual else 1)
+    assert sum(t.numel() * t.element_size() for t in big) == len(big) * x.numel() * 2
+
+
+def test_torch_backend_matches_triton():
+    x, kw = make_case((3, 7, 4, 5), torch.float32, channels_last=True, residual=True)
+    with fastres.use_backend("torch"):
+        a = run_three(x, **kw)["fused"]
+    with fastres.use_backend("triton"):
+        b = run_three(x, **kw)["fused"]
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+
+
+def test_set_backend_errors():
+    with pytest.raises(ValueError, match="unknown fastres backend"):
+        fastres.set_backend("tpu")
+    if not fastres.backend_status()["cuda"][0]:
+        with pytest.raises(RuntimeError, match="unavailable"):
+            fastres.set_backend("cuda")
+    assert fastres.get_backend() in ("auto", "triton", "torch", "cuda")
+
+
+def test_auto_backend_runs_on_cpu():
+    with fastres.use_backend("auto"):
+        _check((2, 3, 2, 2), torch.float32)
+
+
+def test_float64_only_on_torch_backend(backend):
+    x = torch.randn(2, 3, 2, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        batch_norm_act(x, None, None, training=True)
+    with fastres.use_backend("torch"):
+        _check((2, 3, 2, 2), torch.float64, param_dtype=torch.float64)
+
+
+def test_info_command():
+    out = subprocess.run([sys.executable, "-m", "fastres.info"], capture_output=True, text=True,
+                         check=True).stdout
+    for word in ("torch", "triton", "cuda", "backend"):
+        assert word in out
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: clear exceptions.
+
+
+def _good():
+    return dict(input=torch.randn(2, 3, 4, 4), running_mean=torch.zeros(3),
+                running_var=torch.ones(3), weight=torch.ones(3), bias=torch.zeros(3),
+                training=True)
+
+
+@pytest.mark.parametrize("change, exc, match", [
+    (dict(input=torch.randn(2, 3, 4)), ValueError, "4-D"),
+    (dict(input=torch.randn(2, 3, 4, 4, 1)), ValueError, "4-D"),
+    (dict(weight=torch.ones(4)), ValueError, "weight must have shape"),
+    (dict(bias=torch.ones(2)), ValueError, "bias must have shape"),
+    (dict(running_mean=torch.zeros(5)), ValueError, "running_mean must have shape"),
+    (dict(running_var=torch.ones(3, 1)), ValueError, "running_var must have shape"),
+    (dict(residual=torch.randn(2, 3, 4, 5)), ValueError, "residual shape"),
+    (dict(residual=torch.randn(2, 3, 4, 4, dtype=torch.float64)), TypeError, "residual dtype"),
+    (dict(input=torch.randint(0, 5, (2, 3, 4, 4))), TypeError, "float32"),
+    (dict(input=torch.randn(2, 3, 4, 4).to(torch.complex64)), TypeError, "float32"),
+    (dict(weight=torch.ones(3, dtype=torch.float64)), TypeError, "weight must be float32"),
+    (dict(input=torch.randn(1, 3, 1, 1)), ValueError, "more than 1 value per channel"),
+    (dict(training=False, running_mean=None, running_var=None), ValueError, "evaluation mode"),
+    (dict(running_var=None), ValueError, "both"),
+    (dict(activation="gelu"), ValueError, "activation"),
+    (dict(weight=[1.0, 1.0, 1.0]), TypeError, "weight must be a Tensor"),
+])
+def test_bad_input(backend, change, exc, match):
+    kw = _good()
+    kw.update(change)
+    with pytest.raises(exc, match=match):
+        batch_norm_act(**kw)
+
+
+@pytest.mark.gpu
+def test_device_mismatch():
+    kw = _good()
+    kw["input"] = kw["input"].cuda()
+    with pytest.raises(ValueError, match="is on"):
+        batch_norm_act(**kw)
+    kw = _good()
+    kw["residual"] = torch.randn(2, 3, 4, 4, device="cuda")
+    with pytest.raises(ValueError, match="residual is on"):
+        batch_norm_act(**kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# opcheck and torch.compile.
+
+
+def _opcheck_samples():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 3, 2, generator=g).to(memory_format=torch.channels_last)
+    r = torch.randn(2, 3, 3, 2, generator=g).to(memory_format=torch.channels_last)
+    w, b = torch.randn(3, generator=g), torch.randn(3, generator=g)
+    rm, rv = torch.randn(3, generator=g), torch.rand(3, generator=g) + 0.5
+    mean, invstd = torch.randn(3, generator=g), torch.rand(3, generator=g) + 0.5
+    dy = torch.randn(2, 3, 3, 2, generator=g)
+    ops = torch.ops.fastres
+    return [
+        (ops.batch_norm_stats.default, (x.clone().requires_grad_(),)),
+        (ops.batch_norm_act.default, (x.clone().requires_grad_(), w.clone().requires_grad_(), b,
+                                      r, rm, rv, True, 1e-5, True)),
+        (ops.batch_norm_act.default, (x.detach().contiguous(), None, None, None, rm, rv, False,
+                                      1e-3, False)),
+        (ops.batch_norm_act_backward_reduce.default, (dy, x, mean, invstd, w, b, r, True)),
+        (ops.batch_norm_act_backward_dx.default, (dy, x, mean, invstd, w, b, r, mean * 0.1,
+                                                  invstd * 0.1, True, True)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_opcheck(backend, index):
+    op, args = _opcheck_samples()[index]
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torch_compile_fullgraph(backend, training):
+    torch._dynamo.reset()
+    x, kw = make_case((3, 5, 4, 4), torch.float32, channels_last=True, residual=True)
+
+    def step(x, r, w, b, rm, rv):
+        return batch_norm_act(x, rm, rv, w, b, training, 0.1, 1e-5, r, "relu")
+
+    outs = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        xx = x.clone().requires_grad_()
+        rr = kw["residual"].clone().requires_grad_()
+        ww, bb = kw["weight"].clone().requires_grad_(), kw["bias"].clone().requires_grad_()
+        rm, rv = kw["running_mean"].clone(), kw["running_var"].clone()
+        y = fn(xx, rr, ww, bb, rm, rv)
+        grads = torch.autograd.grad(y, (xx, rr, ww, bb), kw["grad_out"])
+        outs.append([y, *grads, rm, rv])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU: the same checks on CUDA tensors (skipped without a GPU).
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape_name", list(GPU_SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gpu_equivalence(backend, shape_name, dtype, channels_last, training):
+    _check(GPU_SHAPES[shape_name], dtype, device="cuda", channels_last=channels_last,
+           residual=True, training=training)
+    _check(GPU_SHAPES[shape_name], dtype, device="cuda", channels_last=channels_last,
+           residual=False, activation=None, training=training)
+
+
+@pytest.mark.gpu
+def test_gpu_large_mean_and_determinism(backend):
+    _check((16, 64, 28, 28), torch.float32, device="cuda", channels_last=True, mean=1e3)
+    x, kw = make_case((16, 64, 28, 28), torch.bfloat16, device="cuda", channels_last=True,
+                      residual=True)
+    a, b = run_three(x, **kw)["fused"], run_three(x, **kw)["fused"]
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.gpu
+def test_gpu_int64_offsets(backend):
+    """More than 2^31 elements: offsets must be 64-bit."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip("needs 24 GiB of free GPU memory")
+    x = torch.randn(2**31 // (64 * 64) + 64, 8, 64, 8, device="cuda", dtype=torch.bfloat16)
+    x = x.to(memory_format=torch.channels_last)
+    assert x.numel() > 2**31
+    y = batch_norm_act(x, None, None, training=True, activation=None)
+    mean = x.float().mean(dim=(0, 2, 3)).view(1, -1, 1, 1)
+    var = x.float().var(dim=(0, 2, 3), correction=0).view(1, -1, 1, 1)
+    tail = x[-4:].float()  # elements past offset 2^31
+    expect = (tail - mean) * torch.rsqrt(var + 1e-5)
+    torch.testing.assert_close(y[-4:].float(), expect, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture(backend):
+    """No host sync in forward/backward: the whole step captures in a CUDA graph."""
+    x, kw = make_case((8, 32, 8, 8), torch.bfloat16, device="cuda", channels_last=True,
+                      residual=True)
+    x.requires_grad_()
+    w = kw["weight"].requires_grad_()
+
+    def step():
+        y = batch_norm_act(x, kw["running_mean"], kw["running_var"], w, kw["bias"], True,
+                           residual=kw["residual"])
+        y.backward(kw["grad_out"].to(y.dtype))
+        return y
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = step()
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.isfinite(y.float()).all()
