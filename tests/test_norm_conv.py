@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 import fastres
+import helpers
 from fastres.functional import bn_fold, bn_fold_train, norm_conv
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
-FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3, torch.float64: 1e-12}
 
 # name: (C, K, kernel, stride, padding, dilation, H, W)
 GEOMETRIES = {
@@ -38,13 +38,8 @@ def triton_backend():
 
 
 def assert_rule(name, fused, eager, ref, dtype):
-    """The tolerance rule, with the floor relative to the reference's scale."""
-    ref = ref.double()
-    scale = max(ref.abs().max().item(), 1.0) if ref.numel() else 1.0
-    err_fused = (fused.double() - ref).abs().max().item() if ref.numel() else 0.0
-    err_eager = (eager.double() - ref).abs().max().item() if ref.numel() else 0.0
-    bound = 2 * err_eager + FLOOR[dtype] * scale
-    assert err_fused <= bound, f"{name}: fused error {err_fused:.3g} > {bound:.3g} (eager {err_eager:.3g})"
+    """The project's tolerance rule (tests/helpers.py)."""
+    helpers.assert_rule(fused, eager, ref, name)
 
 
 def make(geometry, dtype, n=2, seed=0, device=DEV):
