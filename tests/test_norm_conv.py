@@ -183,6 +183,36 @@ def test_backward_chain(geometry, dtype):
         assert_rule(name, fused[name], eager[name], ref[name], dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_relu_mask_at_exact_zero(dtype):
+    # Many pre-activations are exactly 0: PyTorch's threshold_backward blocks the gradient there
+    # (it passes only where relu's output is > 0), and so must the dgrad epilogue.
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(-1, 3, (2, 4, 5, 5), generator=g).to(DEV, dtype)
+    w = torch.randn(6, 4, 3, 3, generator=g).to(DEV, dtype)
+    scale = torch.tensor([1.0, 2.0, 0.5, 1.0], device=DEV)
+    shift = torch.tensor([-1.0, -2.0, 0.0, -0.5], device=DEV)
+    dy = torch.randn(2, 6, 5, 5, generator=g).to(DEV, dtype)
+
+    def run(x, w, scale, shift, fused):
+        x, w, scale, shift = leaves(x, w, scale, shift)
+        if fused:
+            y = norm_conv(x, w, 1, 1, scale=scale, shift=shift)[0]
+        else:
+            a = torch.relu(x.to(scale.dtype) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+            y = F.conv2d(a.to(x.dtype), w, None, 1, 1)
+        y.backward(dy.to(y.dtype))
+        return y, x.grad, w.grad, scale.grad, shift.grad
+
+    ref = run(x.double(), w.double(), scale.double(), shift.double(), False)
+    eager = run(x, w, scale, shift, False)
+    fused = run(x, w, scale, shift, True)
+    assert (ref[1] == 0).any() and (x * scale.view(1, -1, 1, 1).to(dtype) == -shift.view(
+        1, -1, 1, 1).to(dtype)).any()
+    for name, f, e, r in zip(("y", "dx", "dw", "dscale", "dshift"), fused, eager, ref):
+        assert_rule(name, f, e, r, dtype)
+
+
 def test_backward_stem_7x7():
     # conv_b is the 7×7 stride-2 stem geometry; small so the 49-tap wgrad stays cheap.
     C, K = 3, 8
