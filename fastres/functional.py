@@ -7,10 +7,10 @@ import torch
 from torch import Tensor
 
 from fastres.ops.batch_norm_act import batch_norm_act_op, channel_count
-from fastres.ops.norm_conv import norm_conv_fwd
+from fastres.ops.norm_conv import conv_bias_act as conv_bias_act_op, norm_conv_fwd
 
 __all__ = ["batch_norm_act", "ACTIVATIONS", "check_batch_norm_act_args", "update_running_stats",
-           "norm_conv", "bn_fold", "bn_fold_train"]
+           "norm_conv", "bn_fold", "bn_fold_train", "conv_bias_act"]
 
 ACTIVATIONS = ("relu", None)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -156,6 +156,37 @@ def bn_fold_train(mean: Tensor, var: Tensor, count: int, running_mean: Optional[
     return bn_fold(mean, var, weight, bias, eps)
 
 
+def check_conv_args(input, weight, stride, padding, dilation, groups):
+    """Validate a groups/stride/padding/dilation conv2d call; returns them normalised."""
+    if not isinstance(input, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError("conv: input and weight must be Tensors")
+    if input.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"conv expects 4-D input (N, C, H, W) and 4-D weight (K, C/groups, "
+                         f"R, S), got shapes {tuple(input.shape)} and {tuple(weight.shape)}")
+    if input.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"conv supports float32, float16 and bfloat16 input (float64 with "
+                        f"the torch backend), got {input.dtype}")
+    if weight.dtype != input.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} does not match input dtype {input.dtype}")
+    if weight.device != input.device:
+        raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+    groups = int(groups)
+    C = input.shape[1]
+    if groups < 1 or C % groups or weight.shape[0] % groups or weight.shape[1] * groups != C:
+        raise ValueError(f"conv: input has {C} channels but weight {tuple(weight.shape)} with "
+                         f"groups={groups} expects {weight.shape[1] * groups}")
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), \
+        _pair(dilation, "dilation")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"conv: stride and dilation must be >= 1 and padding >= 0, got "
+                         f"stride={stride}, padding={padding}, dilation={dilation}")
+    for k, (size, pad, dil) in enumerate(zip(input.shape[2:], padding, dilation)):
+        if size + 2 * pad < dil * (weight.shape[2 + k] - 1) + 1:
+            raise ValueError(f"conv: input spatial size {tuple(input.shape[2:])} (padded by "
+                             f"{padding}) is smaller than the dilated kernel")
+    return stride, padding, dilation, groups
+
+
 def norm_conv(
     input: Tensor,
     weight: Tensor,
@@ -179,32 +210,9 @@ def norm_conv(
     exactly the gradients of conv(relu(F.batch_norm(y_a, training=True))) ).
     scale and shift are per input channel (fp32 or input's dtype), both or neither.
     """
-    if not isinstance(input, Tensor) or not isinstance(weight, Tensor):
-        raise TypeError("norm_conv: input and weight must be Tensors")
-    if input.dim() != 4 or weight.dim() != 4:
-        raise ValueError(f"norm_conv expects 4-D input (N, C, H, W) and 4-D weight (K, C/groups, "
-                         f"R, S), got shapes {tuple(input.shape)} and {tuple(weight.shape)}")
-    if input.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"norm_conv supports float32, float16 and bfloat16 input (float64 with "
-                        f"the torch backend), got {input.dtype}")
-    if weight.dtype != input.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} does not match input dtype {input.dtype}")
-    if weight.device != input.device:
-        raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
-    groups = int(groups)
+    stride, padding, dilation, groups = check_conv_args(input, weight, stride, padding, dilation,
+                                                        groups)
     C = input.shape[1]
-    if groups < 1 or C % groups or weight.shape[0] % groups or weight.shape[1] * groups != C:
-        raise ValueError(f"norm_conv: input has {C} channels but weight {tuple(weight.shape)} with "
-                         f"groups={groups} expects {weight.shape[1] * groups}")
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), \
-        _pair(dilation, "dilation")
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"norm_conv: stride and dilation must be >= 1 and padding >= 0, got "
-                         f"stride={stride}, padding={padding}, dilation={dilation}")
-    for k, (size, pad, dil) in enumerate(zip(input.shape[2:], padding, dilation)):
-        if size + 2 * pad < dil * (weight.shape[2 + k] - 1) + 1:
-            raise ValueError(f"norm_conv: input spatial size {tuple(input.shape[2:])} (padded by "
-                             f"{padding}) is smaller than the dilated kernel")
     if (scale is None) != (shift is None):
         raise ValueError("norm_conv: scale and shift must both be given or both be None")
     for name, t in (("scale", scale), ("shift", shift)):
@@ -220,3 +228,29 @@ def norm_conv(
     if not collect_stats:
         return out, None, None
     return out, mean, var
+
+
+def conv_bias_act(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1,
+                  padding=0, dilation=1, groups: int = 1, residual: Optional[Tensor] = None,
+                  activation: Optional[str] = "relu") -> Tensor:
+    """``act(F.conv2d(input, weight, bias, stride, padding, dilation, groups) + residual)`` with the
+    bias, the add and the activation in the conv's epilogue — eval mode's conv with a folded BN.
+    Output channels_last; differentiable wrt input, weight, bias and residual."""
+    relu = _check_activation(activation)
+    stride, padding, dilation, groups = check_conv_args(input, weight, stride, padding, dilation,
+                                                        groups)
+    K = weight.shape[0]
+    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (K,)):
+        raise ValueError(f"conv_bias_act: bias must have shape ({K},), got "
+                         f"{bias.shape if isinstance(bias, Tensor) else type(bias).__name__}")
+    if residual is not None:
+        from fastres.ops.norm_conv import conv_output_shape
+
+        expected = tuple(conv_output_shape(input.shape, weight.shape, stride, padding, dilation))
+        if not isinstance(residual, Tensor) or tuple(residual.shape) != expected:
+            raise ValueError(f"conv_bias_act: residual must have the output's shape {expected}, "
+                             f"got {getattr(residual, 'shape', type(residual).__name__)}")
+        if residual.dtype != input.dtype:
+            raise TypeError(f"residual dtype {residual.dtype} does not match input dtype "
+                            f"{input.dtype}")
+    return conv_bias_act_op(input, weight, bias, residual, stride, padding, dilation, groups, relu)

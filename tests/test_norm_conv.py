@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import fastres
 import helpers
-from fastres.functional import bn_fold, bn_fold_train, norm_conv
+from fastres.functional import bn_fold, bn_fold_train, conv_bias_act, norm_conv
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -334,6 +334,8 @@ def test_opcheck():
     torch.library.opcheck(ops.norm_conv_dgrad, (dy, w, x, scale, shift, *conv))
     torch.library.opcheck(ops.norm_conv_wgrad, (dy, x, w, scale, shift, *conv),
                           test_utils=("test_schema", "test_faketensor"))
+    b_g, r_g = torch.randn(5, device=DEV).requires_grad_(), dy.clone().requires_grad_()
+    torch.library.opcheck(ops.conv_bias_act, (x_g, w_g, b_g, r_g, *conv, True))
 
 
 def test_torch_compile():
@@ -346,6 +348,45 @@ def test_torch_compile():
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x, w, gamma, beta), f(x, w, gamma, beta))
+
+
+# --------------------------------------------------------------------------------------------------
+# Eval: conv + bias + residual + ReLU in the epilogue.
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("geometry, with_residual", [("3x3_s2_odd", True), ("1x1_s1_wide", False)])
+def test_conv_bias_act(dtype, geometry, with_residual):
+    x, w, _, _, conv_args = make(geometry, dtype)
+    g = torch.Generator().manual_seed(7)
+    K = w.shape[0]
+    bias = torch.randn(K, generator=g).to(DEV)
+    out_shape = F.conv2d(x, w, None, *conv_args).shape
+    residual = torch.randn(out_shape, generator=g).to(DEV, dtype) if with_residual else None
+    dy = torch.randn(out_shape, generator=g).to(DEV, dtype)
+
+    def run(x, w, bias, residual, fused):
+        x, w, bias = leaves(x, w, bias)
+        inputs = [x, w, bias]
+        if residual is not None:
+            residual = leaves(residual)[0]
+            inputs.append(residual)
+        if fused:
+            y = conv_bias_act(x, w, bias, *conv_args, residual=residual)
+        else:  # eager: conv with the bias, then + residual, then relu
+            y = F.conv2d(x, w, bias.to(x.dtype), *conv_args)
+            y = torch.relu(y if residual is None else y + residual)
+        y.backward(dy.to(y.dtype))
+        return [y] + [t.grad for t in inputs]
+
+    ref = run(x.double(), w.double(), bias.double(), None if residual is None else residual.double(),
+              False)
+    eager = run(x, w, bias, residual, False)
+    fused = run(x, w, bias, residual, True)
+    for name, f, e, r in zip(("y", "dx", "dw", "dbias", "dresidual"), fused, eager, ref):
+        if name == "dbias":
+            e = e.float()  # eager's bias grad is in x's dtype; the fused one in bias's (fp32)
+        assert_rule(name, f, e, r, dtype)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ Custom ops (namespace ``fastres``), each with a fake implementation:
     norm_conv_dgrad(dy, weight, x, scale?, shift?, stride, padding, dilation, groups)
         -> (dx, sum_da, sum_da_x)        sums are empty without the prologue
     norm_conv_wgrad(dy, x, weight, scale?, shift?, stride, padding, dilation, groups) -> dweight
+    conv_bias_act(x, weight, bias?, residual?, stride, padding, dilation, groups, relu) -> y
+        y = act(conv2d(x, weight) + bias + residual): eval mode's conv with the folded BN, the add
+        and the ReLU in the conv's epilogue (one rounding)                      autograd registered
 
 Backends: "torch" (this file, F.conv2d; any groups and dtype) and "triton" (fastres/triton/conv.py:
 NHWC implicit GEMM, groups = 1, fp16 / bf16 / fp32). Everything else — other groups, fp64, the
@@ -312,3 +315,74 @@ def _backward(ctx, dy, dmean, dvar):
 
 
 norm_conv_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Inference: conv with the folded BN's bias, + residual, ReLU, all in the conv's epilogue.
+
+
+def _conv_bias_act_torch(x, weight, bias, residual, stride, padding, dilation, groups, relu):
+    y = F.conv2d(x, weight, None, stride, padding, dilation, groups).to(_acc_dtype(x))
+    if bias is not None:
+        y = y + bias.to(y.dtype).view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual.to(y.dtype)
+    return (torch.relu(y) if relu else y).to(x.dtype)
+
+
+@torch.library.custom_op("fastres::conv_bias_act", mutates_args=())
+def conv_bias_act(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    relu: bool,
+) -> Tensor:
+    """act(conv2d(x, weight) + bias [+ residual]) in channels_last; bias fp32 or x's dtype."""
+    x, weight, bias, _ = _prepare(x, weight, bias, None)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=CL)
+    backend = _backend_for(x, groups, "fwd")
+    if backend is TritonBackend and x.numel() and weight.numel():
+        from fastres.triton import conv
+
+        nhwc = TritonBackend._nhwc
+        y = conv.conv_fwd(nhwc(x), nhwc(weight), None, None, stride, padding, dilation, False,
+                          bias=bias, residual=None if residual is None else nhwc(residual),
+                          relu=relu)[0].permute(0, 3, 1, 2)
+    else:
+        y = _conv_bias_act_torch(x, weight, bias, residual, stride, padding, dilation, groups,
+                                 relu)
+    return _to_cl(y)
+
+
+@conv_bias_act.register_fake
+def _(x, weight, bias, residual, stride, padding, dilation, groups, relu):
+    return _empty_cl(conv_output_shape(x.shape, weight.shape, stride, padding, dilation), x)
+
+
+def _cba_setup_context(ctx, inputs, output):
+    x, weight, bias, residual, stride, padding, dilation, groups, relu = inputs
+    ctx.save_for_backward(x, weight, output if relu else None)
+    ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _cba_backward(ctx, dy):
+    x, weight, y = ctx.saved_tensors
+    need_dx, need_dw, need_db, need_dres = ctx.needs_input_grad[:4]
+    g = dy.contiguous(memory_format=CL)
+    if y is not None:  # threshold_backward on the output: pass unless y <= 0
+        g = torch.where(y <= 0, torch.zeros_like(g), g)
+    dx = norm_conv_dgrad(g, weight, x, None, None, *ctx.conv_args)[0] if need_dx else None
+    dw = norm_conv_wgrad(g, x, weight, None, None, *ctx.conv_args) if need_dw else None
+    db = g.sum((0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype) \
+        if (need_db and ctx.bias_dtype is not None) else None
+    return dx, dw, db, (g if need_dres else None), None, None, None, None, None
+
+
+conv_bias_act.register_autograd(_cba_backward, setup_context=_cba_setup_context)

@@ -10,6 +10,7 @@ Kernels (one launcher each):
     conv_fwd    y[n,p,q,k] = Σ_{r,s,c} act(x)[n, p·σ−π+r·δ, q·σ−π+s·δ, c] · w[k,r,s,c]
                 PROLOGUE: act(x) = relu(x·scale[c] + shift[c]) while loading, and padding/out-of-range
                           positions are 0 AFTER the transform (they are the zero padding of act(x)).
+                EPILOGUE: + bias[k] [+ residual] [relu] (eval: conv with the folded BN).
                 STATS:    per-output-channel (mean, M2) of each M-tile of the stored (rounded) y,
                           merged by ``merge_tile_stats`` in fixed order (Chan) — deterministic.
     conv_dgrad  dx[n,h,w,c] = Σ_{r,s,k} dy[n,p,q,k] · w[k,r,s,c] over taps with h = p·σ−π+r·δ;
@@ -72,14 +73,16 @@ def input_precision(dtype: torch.dtype) -> str:
 
 
 @triton.autotune(configs=conv_configs("fwd"),
-                 key=["C", "K", "R", "S", "stride_h", "HAS_PROLOGUE", "HAS_STATS", "PLAIN_GEMM"])
+                 key=["C", "K", "R", "S", "stride_h", "HAS_PROLOGUE", "HAS_STATS", "PLAIN_GEMM",
+                      "HAS_BIAS", "HAS_RESIDUAL", "RELU"])
 @triton.jit
 def _conv_fwd_kernel(
-    X, W, Y, SCALE, SHIFT, TILE_MEAN, TILE_M2,
+    X, W, Y, SCALE, SHIFT, TILE_MEAN, TILE_M2, BIAS, RESIDUAL,
     N, H, W_in, C, P, Q, K,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     R: tl.constexpr, S: tl.constexpr,
     HAS_PROLOGUE: tl.constexpr, HAS_STATS: tl.constexpr, PLAIN_GEMM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -122,9 +125,17 @@ def _conv_fwd_kernel(
                 b = tl.load(W + w_rows[None, :] + ((r * S + s) * C + c)[:, None],
                             mask=c_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    y = acc.to(Y.dtype.element_ty)
     out_mask = m_ok[:, None] & n_ok[None, :]
-    tl.store(Y + offs_m.to(tl.int64)[:, None] * K + offs_n[None, :], y, mask=out_mask)
+    out_offs = offs_m.to(tl.int64)[:, None] * K + offs_n[None, :]
+    # Inference epilogue (conv with a folded BN): + bias [+ residual] [then relu].
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0)[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(RESIDUAL + out_offs, mask=out_mask, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.where(acc < 0.0, 0.0, acc)
+    y = acc.to(Y.dtype.element_ty)
+    tl.store(Y + out_offs, y, mask=out_mask)
     if HAS_STATS:
         # Statistics of the stored (rounded) output, as eager BN sees it.
         yf = tl.where(out_mask, y.to(tl.float32), 0.0)
@@ -147,8 +158,10 @@ def merge_tile_stats(tile_mean, tile_m2, block_m: int, total: int):
     return mean, m2 / total
 
 
-def conv_fwd(x, w, scale, shift, stride, padding, dilation, collect_stats):
-    """x: [N, H, W, C] dense, w: [K, R, S, C] dense, scale/shift: fp32 [C] or None.
+def conv_fwd(x, w, scale, shift, stride, padding, dilation, collect_stats, bias=None,
+             residual=None, relu=False):
+    """x: [N, H, W, C] dense, w: [K, R, S, C] dense, scale/shift: fp32 [C] or None; optional
+    epilogue: fp32 bias [K], residual [N, P, Q, K] dense, relu.
     Returns (y [N, P, Q, K], mean [K] | None, var [K] | None)."""
     N, H, W_in, C = x.shape
     K, R, S, _ = w.shape
@@ -165,8 +178,10 @@ def conv_fwd(x, w, scale, shift, stride, padding, dilation, collect_stats):
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]))  # noqa: E731
     _conv_fwd_kernel[grid](
         x, w, y, scale if has_prologue else x, shift if has_prologue else x, tile_mean, tile_m2,
+        x if bias is None else bias, x if residual is None else residual,
         N, H, W_in, C, P, Q, K, sh, sw, ph, pw, dh, dw,
         R=R, S=S, HAS_PROLOGUE=has_prologue, HAS_STATS=collect_stats, PLAIN_GEMM=plain,
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
         INPUT_PRECISION=input_precision(x.dtype))
     if not collect_stats:
         return y, None, None
