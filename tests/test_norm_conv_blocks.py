@@ -1,0 +1,131 @@
+"""The normconv path of ResNet blocks (fastres.nn.normconv) against torchvision's blocks in eager:
+outputs, every gradient (input, conv weights, BN weights and biases, downsample), running statistics
+and num_batches_tracked, in training and eval, on CPU under the Triton interpreter (small shapes)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock as TVBasicBlock
+from torchvision.models.resnet import Bottleneck as TVBottleneck
+
+import fastres
+import helpers
+from fastres.nn import normconv
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def normconv_on():
+    prev = normconv.get_normconv()
+    normconv.set_normconv("on")
+    with fastres.use_backend("triton"):
+        yield
+    normconv.set_normconv(prev)
+
+
+def make_block(kind, dtype, momentum=0.1, seed=0):
+    torch.manual_seed(seed)
+    inplanes, planes, stride = (8, 4, 2) if kind == "bottleneck" else (4, 6, 2)
+    cls = TVBottleneck if kind == "bottleneck" else TVBasicBlock
+    out = planes * cls.expansion
+    downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+    block = cls(inplanes, planes, stride, downsample)
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.normal_(m.bias, 0.0, 0.5)
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    block = block.to(DEV).to(memory_format=torch.channels_last)
+    for m in block.modules():  # activations and conv weights in dtype, BN parameters in fp32
+        if isinstance(m, nn.Conv2d):
+            m.to(dtype)
+    x = torch.randn(2, inplanes, 7, 7, device=DEV).to(dtype)
+    return block, x.contiguous(memory_format=torch.channels_last)
+
+
+def run(block, x, fused, train=True):
+    block.train(train)
+    x = x.detach().clone().requires_grad_()
+    if fused:
+        assert normconv.block_uses_normconv(block, x)
+        y = normconv.bottleneck_forward(block, x) if hasattr(block, "conv3") \
+            else normconv.basic_block_forward(block, x)
+    else:
+        with fastres.use_backend("torch"):
+            y = block(x)
+    g = torch.Generator().manual_seed(1)
+    y.backward(torch.randn(y.shape, generator=g).to(y.device, y.dtype))
+    out = {"y": y, "dx": x.grad}
+    for name, p in block.named_parameters():
+        if p.requires_grad:
+            out["d" + name] = p.grad
+    for name, b in block.named_buffers():
+        out[name] = b
+    return out
+
+
+def eager_pair(block, x, train):
+    ref_block = copy.deepcopy(block).double()
+    eager_block = copy.deepcopy(block)
+    if block.conv1.weight.dtype != torch.float32:
+        # Eager in fp16: BN layers must see fp16 input; torch's CPU BN wants matching params.
+        eager_block = eager_block.to(block.conv1.weight.dtype)
+    return run(ref_block, x.double(), False, train), run(eager_block, x, False, train)
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "basic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_block_matches_eager(kind, dtype, train):
+    block, x = make_block(kind, dtype)
+    if not train:  # eval's fused path is for frozen BN (see fastres.nn.normconv)
+        for m in block.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.requires_grad_(False)
+    ref, eager = eager_pair(block, x, train)
+    fused = run(copy.deepcopy(block), x, True, train)
+    assert fused.keys() == ref.keys()
+    for name in ref:
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(fused[name], eager[name]), name
+            continue
+        f, e, r = fused[name], eager[name], ref[name]
+        assert f is not None, name
+        if e.dtype != f.dtype:  # fp16 eager block keeps fp16 BN params; compare in fp32
+            e = e.to(f.dtype)
+        helpers.assert_rule(f, e, r, name)
+
+
+def test_momentum_none_counts_batches():
+    block, x = make_block("basic", torch.float32, momentum=None)
+    ref = run(copy.deepcopy(block), x, False)
+    fused = run(block, x, True)
+    for name in ("bn1.running_mean", "bn1.running_var", "bn1.num_batches_tracked",
+                 "bn2.running_var"):
+        torch.testing.assert_close(fused[name], ref[name], rtol=1e-5, atol=1e-6)
+
+
+def test_default_is_the_fallback_until_measured():
+    block, x = make_block("basic", torch.float32)
+    normconv.set_normconv("auto")
+    assert normconv.NORMCONV_TABLE_DEVICE == "unmeasured"
+    assert not normconv.block_uses_normconv(block, x)
+    normconv.set_normconv("off")
+    assert not normconv.block_uses_normconv(block, x)
+    normconv.set_normconv("on")
+    assert normconv.block_uses_normconv(block, x)
+    block.eval()  # eval with trainable BN parameters keeps the fallback, except without grad
+    assert not normconv.block_uses_normconv(block, x)
+    with torch.no_grad():
+        assert normconv.block_uses_normconv(block, x)
+    block.train()
+    with fastres.use_backend("torch"):
+        assert not normconv.block_uses_normconv(block, x)
+    with pytest.raises(ValueError, match="normconv mode"):
+        normconv.set_normconv("maybe")
