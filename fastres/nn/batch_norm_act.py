@@ -1,0 +1,136 @@
+"""BatchNormAct2d, ConvBNAct2d and ResidualAct: modules over ``fastres.functional.batch_norm_act``."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from fastres import functional as F
+
+__all__ = ["BatchNormAct2d", "ConvBNAct2d", "ResidualAct", "normalize_activation"]
+
+
+def normalize_activation(activation) -> Optional[str]:
+    """"relu" or None; raises ValueError naming anything else."""
+    if isinstance(activation, str):
+        activation = activation.strip().lower()
+        if activation in ("none", "identity", ""):
+            activation = None
+    if activation not in F.ACTIVATIONS:
+        raise ValueError(f"activation must be 'relu' or None, got {activation!r}")
+    return activation
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """``act(BatchNorm2d(x) + residual)`` in fused kernels.
+
+    A drop-in ``nn.BatchNorm2d``: same parameters, buffers, state_dict keys, ``num_batches_tracked``,
+    ``momentum=None`` (cumulative average), ``affine``, ``track_running_stats`` and train/eval
+    behaviour. In eval mode the running statistics are folded into a per-channel scale and shift.
+
+    ``forward(x, residual=None)``: ``residual`` (same shape as ``x``) is added after the
+    normalisation and before the activation, as in a ResNet block's output.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 activation: Optional[str] = "relu", device=None, dtype=None, *,
+                 bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype, bias=bias)
+        self.activation = normalize_activation(activation)
+
+    @classmethod
+    def from_batch_norm(cls, bn: nn.BatchNorm2d, activation: Optional[str] = "relu"):
+        """A BatchNormAct2d that shares ``bn``'s parameter and buffer tensors (no copies)."""
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                  activation=activation, device="meta",
+                  bias=not bn.affine or bn.bias is not None)
+        new._parameters = dict(bn._parameters)
+        new._buffers = dict(bn._buffers)
+        new._non_persistent_buffers_set = set(bn._non_persistent_buffers_set)
+        new.train(bn.training)
+        return new
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", activation={self.activation!r}"
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{type(self).__name__} expects a Tensor, got {type(input).__name__}")
+        if input.dim() != 4:
+            raise ValueError(f"{type(self).__name__} expects 4-D input (N, C, H, W), got "
+                             f"{input.dim()}-D input of shape {tuple(input.shape)}")
+        if input.shape[1] != self.num_features:
+            raise ValueError(f"{type(self).__name__}({self.num_features}) got input with "
+                             f"{input.shape[1]} channels (shape {tuple(input.shape)})")
+
+    def _exponential_average_factor(self) -> float:
+        """The running-statistics momentum for this call, exactly as ``_BatchNorm.forward``: counts
+        the batch in ``num_batches_tracked`` and gives 1/num_batches_tracked for momentum=None."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average (reads the count, like torch)
+                factor = 1.0 / float(self.num_batches_tracked)
+        return factor
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        self._check_input_dim(input)
+        if residual is not None and isinstance(residual, Tensor) and residual.dtype != input.dtype \
+                and residual.is_floating_point() and input.is_floating_point():
+            # Eager ``out += identity`` keeps out's dtype (mixed under autocast): do the same.
+            residual = residual.to(input.dtype)
+        factor = self._exponential_average_factor()
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        # Running stats are updated in training only when tracked, and used whenever not training.
+        use_running = not self.training or self.track_running_stats
+        return self._batch_norm_act(
+            input, residual,
+            self.running_mean if use_running else None,
+            self.running_var if use_running else None,
+            bn_training, factor)
+
+    def _batch_norm_act(self, input, residual, running_mean, running_var, training, momentum):
+        return F.batch_norm_act(input, running_mean, running_var, self.weight, self.bias,
+                                training, momentum, self.eps, residual=residual,
+                                activation=self.activation)
+
+
+class ResidualAct(nn.Module):
+    """``act(x + residual)``: what is left of a BatchNormAct2d once its BN is folded into a conv."""
+
+    def __init__(self, activation: Optional[str] = "relu") -> None:
+        super().__init__()
+        self.activation = normalize_activation(activation)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if residual is not None:
+            input = input + residual.to(input.dtype)
+        return torch.relu(input) if self.activation == "relu" else input
+
+
+class ConvBNAct2d(nn.Sequential):
+    """conv (no bias) → BN → act, with ``torchvision.ops.Conv2dNormActivation``'s state_dict keys
+    (``0.weight``, ``1.weight``, ``1.bias``, ``1.running_mean``, ...), so either loads the other's
+    weights. ``padding=None`` picks torchvision's ``(kernel_size - 1) // 2 * dilation``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, activation: Optional[str] = "relu",
+                 eps: float = 1e-5, momentum: Optional[float] = 0.1, device=None,
+                 dtype=None) -> None:
+        if padding is None:
+            ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+            dl = (dilation, dilation) if isinstance(dilation, int) else dilation
+            padding = tuple((k - 1) // 2 * d for k, d in zip(ks, dl))
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                      dilation=dilation, groups=groups, bias=False, device=device, dtype=dtype),
+            BatchNormAct2d(out_channels, eps=eps, momentum=momentum, activation=activation,
+                           device=device, dtype=dtype),
+        )
+        self.out_channels = out_channels
