@@ -49,10 +49,12 @@ def make_block(kind, dtype, momentum=0.1, seed=0):
     return block, x.contiguous(memory_format=torch.channels_last)
 
 
-def run(block, x, fused, train=True):
+def run(block, x, fused, train=True, own_forward=False):
     block.train(train)
     x = x.detach().clone().requires_grad_()
-    if fused:
+    if own_forward:
+        y = block(x)
+    elif fused:
         assert normconv.block_uses_normconv(block, x)
         y = normconv.bottleneck_forward(block, x) if hasattr(block, "conv3") \
             else normconv.basic_block_forward(block, x)
@@ -129,3 +131,22 @@ def test_default_is_the_fallback_until_measured():
         assert not normconv.block_uses_normconv(block, x)
     with pytest.raises(ValueError, match="normconv mode"):
         normconv.set_normconv("maybe")
+
+
+def test_fastres_bottleneck_forward_takes_the_path(monkeypatch):
+    calls = []
+    chain = normconv._chain
+    monkeypatch.setattr(normconv, "_chain", lambda block, x: calls.append(1) or chain(block, x))
+    tv_block, x = make_block("bottleneck", torch.float32)
+    block = fastres.Bottleneck(8, 4, 2, nn.Sequential(
+        nn.Conv2d(8, 16, 1, 2, bias=False), fastres.BatchNormAct2d(16, activation=None)))
+    block.load_state_dict(tv_block.state_dict())
+    block = block.to(DEV).to(memory_format=torch.channels_last)
+    fused = run(block, x, False, own_forward=True)  # the fixture forces the path on
+    assert calls == [1]
+    ref = run(copy.deepcopy(tv_block).double(), x.double(), False)
+    eager = run(copy.deepcopy(tv_block), x, False)
+    for name in ref:
+        helpers.assert_rule(fused[name], eager[name], ref[name], name) \
+            if not name.endswith("num_batches_tracked") else \
+            torch.testing.assert_close(fused[name], eager[name])

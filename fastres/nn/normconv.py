@@ -103,7 +103,9 @@ def _convs_and_bns(block):
 
 def block_uses_normconv(block: nn.Module, x: Tensor) -> bool:
     """Whether ``block`` (BasicBlock / Bottleneck) runs the normconv path for input ``x``."""
-    if _mode == "off" or not isinstance(x, Tensor) or x.dim() != 4:
+    if _mode == "off" or (_mode == "auto" and not NORMCONV_TABLE):
+        return False
+    if not isinstance(x, Tensor) or x.dim() != 4:
         return False
     convs, bns = _convs_and_bns(block)
     if not all(_plain_conv(c) for c in convs) or not all(_plain_bn(b) for b in bns):
