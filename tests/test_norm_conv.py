@@ -331,8 +331,11 @@ def test_opcheck():
     x_g, w_g = x.clone().requires_grad_(), w.clone().requires_grad_()
     s_g, t_g = scale.clone().requires_grad_(), shift.clone().requires_grad_()
     torch.library.opcheck(ops.norm_conv_fwd, (x_g, w_g, s_g, t_g, *conv, True))
-    torch.library.opcheck(ops.norm_conv_dgrad, (dy, w, x, scale, shift, *conv))
-    torch.library.opcheck(ops.norm_conv_wgrad, (dy, x, w, scale, shift, *conv),
+    # With the statistics' gradient folded into dy (y: the conv's output, its mean, dmean, dvar).
+    y = torch.randn_like(dy)
+    stats = (y, y.mean((0, 2, 3)), torch.randn(5, device=DEV), torch.randn(5, device=DEV))
+    torch.library.opcheck(ops.norm_conv_dgrad, (dy, w, x, scale, shift, *conv, *stats))
+    torch.library.opcheck(ops.norm_conv_wgrad, (dy, x, w, scale, shift, *conv, *stats),
                           test_utils=("test_schema", "test_faketensor"))
     b_g, r_g = torch.randn(5, device=DEV).requires_grad_(), dy.clone().requires_grad_()
     torch.library.opcheck(ops.conv_bias_act, (x_g, w_g, b_g, r_g, *conv, True))

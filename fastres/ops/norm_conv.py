@@ -27,9 +27,12 @@ Custom ops (namespace ``fastres``), each with a fake implementation:
 
     norm_conv_fwd(x, weight, scale?, shift?, stride, padding, dilation, groups, collect_stats)
         -> (y, mean, var)                                                       autograd registered
-    norm_conv_dgrad(dy, weight, x, scale?, shift?, stride, padding, dilation, groups)
+    norm_conv_dgrad(dy, weight, x, scale?, shift?, stride, padding, dilation, groups,
+                    y?, y_mean?, dmean?, dvar?)
         -> (dx, sum_da, sum_da_x)        sums are empty without the prologue
-    norm_conv_wgrad(dy, x, weight, scale?, shift?, stride, padding, dilation, groups) -> dweight
+    norm_conv_wgrad(dy, x, weight, scale?, shift?, stride, padding, dilation, groups,
+                    y?, y_mean?, dmean?, dvar?) -> dweight
+        (y, y_mean, dmean, dvar: the statistics' gradient, folded into dy while loading it)
     conv_bias_act(x, weight, bias?, residual?, stride, padding, dilation, groups, relu) -> y
         y = act(conv2d(x, weight) + bias + residual): eval mode's conv with the folded BN, the add
         and the ReLU in the conv's epilogue (one rounding)                      autograd registered
@@ -104,7 +107,18 @@ class TorchBackend:
         return y, mean, var
 
     @staticmethod
-    def dgrad(dy, w, x, scale, shift, stride, padding, dilation, groups):
+    def effective_dy(dy, dy_stats):
+        """dy + alpha + beta·(y − mean) per output channel (fp32 math, rounded to dy's dtype)."""
+        if dy_stats is None:
+            return dy
+        y, mean, alpha, beta = dy_stats
+        c = lambda v: v.view(1, -1, 1, 1)  # noqa: E731
+        g = dy.to(mean.dtype) + c(alpha) + c(beta) * (y.to(mean.dtype) - c(mean))
+        return g.to(dy.dtype)
+
+    @classmethod
+    def dgrad(cls, dy, w, x, scale, shift, stride, padding, dilation, groups, dy_stats=None):
+        dy = cls.effective_dy(dy, dy_stats)
         da = torch.nn.grad.conv2d_input(x.shape, w, dy, stride, padding, dilation, groups)
         if scale is None:
             return da, None, None
@@ -115,7 +129,8 @@ class TorchBackend:
         return dx, da_kept.sum((0, 2, 3)), (da_kept * x.to(acc)).sum((0, 2, 3))
 
     @classmethod
-    def wgrad(cls, dy, x, w, scale, shift, stride, padding, dilation, groups):
+    def wgrad(cls, dy, x, w, scale, shift, stride, padding, dilation, groups, dy_stats=None):
+        dy = cls.effective_dy(dy, dy_stats)
         return torch.nn.grad.conv2d_weight(cls.activate(x, scale, shift), w.shape, dy, stride,
                                            padding, dilation, groups)
 
@@ -137,19 +152,26 @@ class TritonBackend:
         return y.permute(0, 3, 1, 2), mean, var
 
     @classmethod
-    def dgrad(cls, dy, w, x, scale, shift, stride, padding, dilation, groups):
+    def _stats(cls, dy_stats):
+        if dy_stats is None:
+            return None
+        y, mean, alpha, beta = dy_stats
+        return cls._nhwc(y), mean, alpha, beta
+
+    @classmethod
+    def dgrad(cls, dy, w, x, scale, shift, stride, padding, dilation, groups, dy_stats=None):
         from fastres.triton import conv
 
         dx, s, sx = conv.conv_dgrad(cls._nhwc(dy), cls._nhwc(w), x.shape[2:], stride, padding,
-                                    dilation, cls._nhwc(x), scale, shift)
+                                    dilation, cls._nhwc(x), scale, shift, cls._stats(dy_stats))
         return dx.permute(0, 3, 1, 2), s, sx
 
     @classmethod
-    def wgrad(cls, dy, x, w, scale, shift, stride, padding, dilation, groups):
+    def wgrad(cls, dy, x, w, scale, shift, stride, padding, dilation, groups, dy_stats=None):
         from fastres.triton import conv
 
         dw = conv.conv_wgrad(cls._nhwc(dy), cls._nhwc(x), w.shape[2:], stride, padding, dilation,
-                             scale, shift)
+                             scale, shift, dy_stats=cls._stats(dy_stats))
         return dw.permute(0, 3, 1, 2)
 
 
@@ -158,6 +180,20 @@ def _backend_for(x: Tensor, groups: int, op: str):
     if name in ("triton", "cuda") and groups == 1 and x.dtype in TRITON_DTYPES:
         return TritonBackend
     return TorchBackend
+
+
+def _dy_stats(dy: Tensor, y, y_mean, dmean, dvar):
+    """(y, mean, alpha, beta) with dy_eff = dy + alpha + beta·(y − mean), or None: the gradient
+    reaching y through its batch statistics (∂mean/∂y = 1/M, ∂var/∂y = 2(y − mean)/M)."""
+    if y is None or (dmean is None and dvar is None) or y.shape[1] == 0:
+        return None
+    acc = _acc_dtype(dy)
+    m = y.shape[0] * y.shape[2] * y.shape[3]
+    zeros = torch.zeros(y.shape[1], dtype=acc, device=y.device)
+    alpha = zeros if dmean is None else dmean.to(acc) / m
+    beta = zeros if dvar is None else dvar.to(acc) * 2 / m
+    return (y.contiguous(memory_format=CL), y_mean.to(acc).contiguous(), alpha.contiguous(),
+            beta.contiguous())
 
 
 def _prepare(x: Tensor, weight: Tensor, scale, shift):
@@ -224,24 +260,32 @@ def norm_conv_dgrad(
     padding: list[int],
     dilation: list[int],
     groups: int,
+    y: Optional[Tensor] = None,
+    y_mean: Optional[Tensor] = None,
+    dmean: Optional[Tensor] = None,
+    dvar: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, Σda', Σda'·x). Without scale/shift: dx = conv2d_input(dy, weight) and empty sums. With
-    them, dx is the gradient wrt raw x of relu(x·scale + shift) and the fp32 sums are per channel."""
+    them, dx is the gradient wrt raw x of relu(x·scale + shift) and the fp32 sums are per channel.
+    With y (this conv's output), its batch mean y_mean and the gradients dmean / dvar of its batch
+    statistics, dy is first replaced by dy + dmean/M + 2·dvar·(y − mean)/M (in the operand load)."""
     x, weight, scale, shift = _prepare(x, weight, scale, shift)
     dy = dy.contiguous(memory_format=CL)
+    dy_stats = _dy_stats(dy, y, y_mean, dmean, dvar)
     if x.numel() == 0 or dy.numel() == 0 or weight.numel() == 0:
         dx, s, sx = TorchBackend.dgrad(dy, weight, x, scale, shift, stride, padding, dilation,
-                                       groups)
+                                       groups, dy_stats)
     else:
         dx, s, sx = _backend_for(x, groups, "dgrad").dgrad(dy, weight, x, scale, shift, stride,
-                                                           padding, dilation, groups)
+                                                           padding, dilation, groups, dy_stats)
     if s is None:
         s, sx = x.new_empty((0,), dtype=_acc_dtype(x)), x.new_empty((0,), dtype=_acc_dtype(x))
     return _to_cl(dx), s, sx
 
 
 @norm_conv_dgrad.register_fake
-def _(dy, weight, x, scale, shift, stride, padding, dilation, groups):
+def _(dy, weight, x, scale, shift, stride, padding, dilation, groups, y=None, y_mean=None,
+      dmean=None, dvar=None):
     n = x.shape[1] if scale is not None else 0
     return (_empty_cl(x.shape, x), x.new_empty((n,), dtype=_acc_dtype(x)),
             x.new_empty((n,), dtype=_acc_dtype(x)))
@@ -258,20 +302,28 @@ def norm_conv_wgrad(
     padding: list[int],
     dilation: list[int],
     groups: int,
+    y: Optional[Tensor] = None,
+    y_mean: Optional[Tensor] = None,
+    dmean: Optional[Tensor] = None,
+    dvar: Optional[Tensor] = None,
 ) -> Tensor:
-    """dweight = conv2d_weight(relu(x·scale + shift) or x, dy), in weight's dtype, channels_last."""
+    """dweight = conv2d_weight(relu(x·scale + shift) or x, dy), in weight's dtype, channels_last;
+    y, y_mean, dmean, dvar as for norm_conv_dgrad."""
     x, weight, scale, shift = _prepare(x, weight, scale, shift)
     dy = dy.contiguous(memory_format=CL)
+    dy_stats = _dy_stats(dy, y, y_mean, dmean, dvar)
     if x.numel() == 0 or dy.numel() == 0 or weight.numel() == 0:
-        dw = TorchBackend.wgrad(dy, x, weight, scale, shift, stride, padding, dilation, groups)
+        dw = TorchBackend.wgrad(dy, x, weight, scale, shift, stride, padding, dilation, groups,
+                                dy_stats)
     else:
         dw = _backend_for(x, groups, "wgrad").wgrad(dy, x, weight, scale, shift, stride, padding,
-                                                    dilation, groups)
+                                                    dilation, groups, dy_stats)
     return _to_cl(dw.to(weight.dtype))
 
 
 @norm_conv_wgrad.register_fake
-def _(dy, x, weight, scale, shift, stride, padding, dilation, groups):
+def _(dy, x, weight, scale, shift, stride, padding, dilation, groups, y=None, y_mean=None,
+      dmean=None, dvar=None):
     return _empty_cl(weight.shape, weight)
 
 
@@ -291,26 +343,19 @@ def _backward(ctx, dy, dmean, dvar):
     x, weight, scale, shift, y, mean = ctx.saved_tensors
     need_dx, need_dw, need_dscale, need_dshift = ctx.needs_input_grad[:4]
     g = dy.contiguous(memory_format=CL)
-    if y is not None and y.shape[1] and (dmean is not None or dvar is not None):
-        # Gradient through the batch statistics: ∂mean/∂y = 1/M, ∂var/∂y = 2(y − mean)/M.
-        m = y.shape[0] * y.shape[2] * y.shape[3]
-        acc = mean.dtype
-        g = g.to(acc)
-        if dmean is not None:
-            g = g + (dmean.to(acc) / m).view(1, -1, 1, 1)
-        if dvar is not None:
-            g = g + (dvar.to(acc) * 2 / m).view(1, -1, 1, 1) * (y.to(acc) - mean.view(1, -1, 1, 1))
-        g = g.to(dy.dtype).contiguous(memory_format=CL)
+    # The gradient through the batch statistics is folded into dy inside dgrad / wgrad.
+    stats = (y, mean, dmean, dvar) if (y is not None and (dmean is not None or dvar is not None)) \
+        else (None, None, None, None)
     dx = dw = dscale = dshift = None
     if need_dx or need_dscale or need_dshift:
-        dx, s, sx = norm_conv_dgrad(g, weight, x, scale, shift, *ctx.conv_args)
+        dx, s, sx = norm_conv_dgrad(g, weight, x, scale, shift, *ctx.conv_args, *stats)
         if scale is not None:
             dscale = sx.to(scale.dtype) if need_dscale else None
             dshift = s.to(shift.dtype) if need_dshift else None
         if not need_dx:
             dx = None
     if need_dw:
-        dw = norm_conv_wgrad(g, x, weight, scale, shift, *ctx.conv_args)
+        dw = norm_conv_wgrad(g, x, weight, scale, shift, *ctx.conv_args, *stats)
     return dx, dw, dscale, dshift, None, None, None, None, None
 
 

@@ -21,6 +21,8 @@ Kernels (one launcher each):
     conv_wgrad  dw[k,r,s,c] = Σ_{n,p,q} dy[n,p,q,k] · act(x)[n,h,w,c]; the PROLOGUE recomputes
                 act(x) = relu(x·scale + shift) from the saved raw x. Split-K partials are summed in
                 fixed order (no atomics).
+    dgrad and wgrad also fold the gradient that reaches y through its own batch statistics into
+    dy while loading it (``dy_stats``): dy_eff = dy + dmean/M + (2·dvar/M)·(y − mean).
 
 groups = 1 only; the op layer falls back to eager conv otherwise.
 """
@@ -193,18 +195,40 @@ def conv_fwd(x, w, scale, shift, stride, padding, dilation, collect_stats, bias=
 
 
 # --------------------------------------------------------------------------------------------------
+# Backward prologue shared by dgrad and wgrad: the gradient reaching y through its own batch
+# statistics (mean, var) is folded into dy while loading it:
+#     dy_eff = dy + dmean/M + (2·dvar/M)·(y − mean) = dy + alpha[k] + beta[k]·(y − mean[k])
+
+
+@triton.jit
+def _dy_with_stats_grad(dy, y_ptrs, mask, Y_MEAN, DY_ALPHA, DY_BETA, k, k_ok,
+                        CHANNEL_AXIS: tl.constexpr):
+    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(Y_MEAN + k, mask=k_ok, other=0.0)
+    alpha = tl.load(DY_ALPHA + k, mask=k_ok, other=0.0)
+    beta = tl.load(DY_BETA + k, mask=k_ok, other=0.0)
+    if CHANNEL_AXIS == 1:
+        g = dy.to(tl.float32) + alpha[None, :] + beta[None, :] * (y - mean[None, :])
+    else:
+        g = dy.to(tl.float32) + alpha[:, None] + beta[:, None] * (y - mean[:, None])
+    return tl.where(mask, g, 0.0).to(dy.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
 # Data gradient.
 
 
 @triton.autotune(configs=conv_configs("dgrad"),
-                 key=["C", "K", "R", "S", "stride_h", "HAS_PROLOGUE", "PLAIN_GEMM"])
+                 key=["C", "K", "R", "S", "stride_h", "HAS_PROLOGUE", "PLAIN_GEMM",
+                      "HAS_DY_PROLOGUE"])
 @triton.jit
 def _conv_dgrad_kernel(
-    DY, W, DX, X, SCALE, SHIFT, TILE_SUM, TILE_SUM_X,
+    DY, W, DX, X, SCALE, SHIFT, TILE_SUM, TILE_SUM_X, Y, Y_MEAN, DY_ALPHA, DY_BETA,
     N, H, W_in, C, P, Q, K,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     R: tl.constexpr, S: tl.constexpr,
-    HAS_PROLOGUE: tl.constexpr, PLAIN_GEMM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr, PLAIN_GEMM: tl.constexpr, HAS_DY_PROLOGUE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # GEMM view: rows = input pixels (N·H·W), columns = input channels C, reduction over (r, s, k).
@@ -239,8 +263,11 @@ def _conv_dgrad_kernel(
             for k0 in range(0, K, BLOCK_K):
                 k = k0 + offs_k
                 k_ok = k < K
-                a = tl.load(DY + dy_rows[:, None] + k[None, :],
-                            mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+                dy_mask = pix_ok[:, None] & k_ok[None, :]
+                a = tl.load(DY + dy_rows[:, None] + k[None, :], mask=dy_mask, other=0.0)
+                if HAS_DY_PROLOGUE:
+                    a = _dy_with_stats_grad(a, Y + dy_rows[:, None] + k[None, :], dy_mask,
+                                            Y_MEAN, DY_ALPHA, DY_BETA, k, k_ok, 1)
                 b = tl.load(W + k.to(tl.int64)[:, None] * (R * S * C) + (r * S + s) * C
                             + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
@@ -263,10 +290,12 @@ def _conv_dgrad_kernel(
         tl.store(DX + out_offs, da, mask=out_mask)
 
 
-def conv_dgrad(dy, w, input_hw, stride, padding, dilation, x=None, scale=None, shift=None):
+def conv_dgrad(dy, w, input_hw, stride, padding, dilation, x=None, scale=None, shift=None,
+               dy_stats=None):
     """dy: [N, P, Q, K] dense, w: [K, R, S, C] dense. Returns dx [N, H, W, C]; with the prologue
     (x [N, H, W, C] and fp32 scale/shift [C]) dx is the gradient wrt x of relu(x·scale + shift)
-    and the per-channel fp32 sums (Σda', Σda'·x) come back too (else None, None)."""
+    and the per-channel fp32 sums (Σda', Σda'·x) come back too (else None, None).
+    dy_stats = (y [N, P, Q, K], mean, alpha, beta) folds the statistics' gradient into dy."""
     N, P, Q, K = dy.shape
     _, R, S, C = w.shape
     H, W_in = input_hw
@@ -279,11 +308,13 @@ def conv_dgrad(dy, w, input_hw, stride, padding, dilation, x=None, scale=None, s
     tile_sum_x = torch.empty_like(tile_sum)
     plain = R == 1 and S == 1 and (sh, sw, ph, pw) == (1, 1, 0, 0)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_N"]))  # noqa: E731
+    y, y_mean, alpha, beta = dy_stats if dy_stats is not None else (dy, dy, dy, dy)
     _conv_dgrad_kernel[grid](
         dy, w, dx, x if has_prologue else dy, scale if has_prologue else dy,
-        shift if has_prologue else dy, tile_sum, tile_sum_x,
+        shift if has_prologue else dy, tile_sum, tile_sum_x, y, y_mean, alpha, beta,
         N, H, W_in, C, P, Q, K, sh, sw, ph, pw, dh, dw,
         R=R, S=S, HAS_PROLOGUE=has_prologue, PLAIN_GEMM=plain,
+        HAS_DY_PROLOGUE=dy_stats is not None,
         INPUT_PRECISION=input_precision(dy.dtype))
     if not has_prologue:
         return dx, None, None
@@ -296,14 +327,14 @@ def conv_dgrad(dy, w, input_hw, stride, padding, dilation, x=None, scale=None, s
 
 
 @triton.autotune(configs=conv_configs("wgrad"),
-                 key=["C", "K", "R", "S", "stride_h", "HAS_PROLOGUE", "SPLIT"])
+                 key=["C", "K", "R", "S", "stride_h", "HAS_PROLOGUE", "SPLIT", "HAS_DY_PROLOGUE"])
 @triton.jit
 def _conv_wgrad_kernel(
-    DY, X, DW_PART, SCALE, SHIFT,
+    DY, X, DW_PART, SCALE, SHIFT, Y, Y_MEAN, DY_ALPHA, DY_BETA,
     N, H, W_in, C, P, Q, K,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, SPLIT,
     R: tl.constexpr, S: tl.constexpr,
-    HAS_PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr, HAS_DY_PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # GEMM view per tap (r, s): rows = output channels K, columns = input channels C,
@@ -336,8 +367,12 @@ def _conv_wgrad_kernel(
         h = (pq // Q) * stride_h - pad_h + r * dil_h
         w = (pq % Q) * stride_w - pad_w + s * dil_w
         x_ok = pix_in & (h >= 0) & (h < H) & (w >= 0) & (w < W_in)
-        dy_t = tl.load(DY + pix.to(tl.int64)[None, :] * K + offs_m[:, None],
-                       mask=pix_in[None, :] & m_ok[:, None], other=0.0)
+        dy_offs = pix.to(tl.int64)[None, :] * K + offs_m[:, None]
+        dy_mask = pix_in[None, :] & m_ok[:, None]
+        dy_t = tl.load(DY + dy_offs, mask=dy_mask, other=0.0)
+        if HAS_DY_PROLOGUE:
+            dy_t = _dy_with_stats_grad(dy_t, Y + dy_offs, dy_mask, Y_MEAN, DY_ALPHA, DY_BETA,
+                                       offs_m, m_ok, 0)
         x_mask = x_ok[:, None] & n_ok[None, :]
         a = tl.load(X + ((img * H + h) * W_in + w)[:, None] * C + offs_n[None, :], mask=x_mask,
                     other=0.0)
@@ -351,7 +386,8 @@ def _conv_wgrad_kernel(
     tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
-def conv_wgrad(dy, x, kernel_rs, stride, padding, dilation, scale=None, shift=None, split=None):
+def conv_wgrad(dy, x, kernel_rs, stride, padding, dilation, scale=None, shift=None, split=None,
+               dy_stats=None):
     """dy: [N, P, Q, K] dense, x: [N, H, W, C] dense (raw; act(x) recomputed when scale/shift are
     given). Returns fp32 dw [K, R, S, C] (the caller rounds to the weight's dtype)."""
     N, P, Q, K = dy.shape
@@ -367,8 +403,11 @@ def conv_wgrad(dy, x, kernel_rs, stride, padding, dilation, scale=None, shift=No
     has_prologue = scale is not None
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_M"]),  # noqa: E731
                          triton.cdiv(C, meta["BLOCK_N"]) * R * S, split)
+    y, y_mean, alpha, beta = dy_stats if dy_stats is not None else (dy, dy, dy, dy)
     _conv_wgrad_kernel[grid](
         dy, x, part, scale if has_prologue else x, shift if has_prologue else x,
+        y, y_mean, alpha, beta,
         N, H, W_in, C, P, Q, K, sh, sw, ph, pw, dh, dw, split,
-        R=R, S=S, HAS_PROLOGUE=has_prologue, INPUT_PRECISION=input_precision(dy.dtype))
+        R=R, S=S, HAS_PROLOGUE=has_prologue, HAS_DY_PROLOGUE=dy_stats is not None,
+        INPUT_PRECISION=input_precision(dy.dtype))
     return part[0] if split == 1 else part.sum(0)
