@@ -102,31 +102,35 @@ def _conv_fwd_kernel(
     q = pq % Q
     w_rows = offs_n.to(tl.int64) * (R * S * C)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r in tl.static_range(R):
-        for s in tl.static_range(S):
-            if PLAIN_GEMM:  # 1×1, stride 1, no padding: the pixel index is the row index.
-                pix_ok = m_ok
-                x_rows = offs_m.to(tl.int64) * C
-            else:
-                h = p * stride_h - pad_h + r * dil_h
-                w = q * stride_w - pad_w + s * dil_w
-                pix_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W_in)
-                x_rows = ((img * H + h) * W_in + w) * C
-            for c0 in range(0, C, BLOCK_K):
-                c = c0 + offs_c
-                c_ok = c < C
-                a_mask = pix_ok[:, None] & c_ok[None, :]
-                a = tl.load(X + x_rows[:, None] + c[None, :], mask=a_mask, other=0.0)
-                if HAS_PROLOGUE:
-                    scale = tl.load(SCALE + c, mask=c_ok, other=0.0)
-                    shift = tl.load(SHIFT + c, mask=c_ok, other=0.0)
-                    z = a.to(tl.float32) * scale[None, :] + shift[None, :]
-                    z = tl.where(z < 0.0, 0.0, z)  # relu that keeps NaN, as torch.relu does
-                    # Padding is zero in act(x), so mask after the transform (relu(shift) ≠ 0).
-                    a = tl.where(a_mask, z, 0.0).to(X.dtype.element_ty)
-                b = tl.load(W + w_rows[None, :] + ((r * S + s) * C + c)[:, None],
-                            mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    # One flat loop over (tap, channel block) so the pipeliner overlaps loads across taps too
+    # (a 64-channel 3×3 layer has a single channel block per tap).
+    num_c_blocks = tl.cdiv(C, BLOCK_K)
+    for t in range(0, R * S * num_c_blocks):
+        rs = t // num_c_blocks
+        c = (t - rs * num_c_blocks) * BLOCK_K + offs_c
+        r = rs // S
+        s = rs - r * S
+        if PLAIN_GEMM:  # 1×1, stride 1, no padding: the pixel index is the row index.
+            pix_ok = m_ok
+            x_rows = offs_m.to(tl.int64) * C
+        else:
+            h = p * stride_h - pad_h + r * dil_h
+            w = q * stride_w - pad_w + s * dil_w
+            pix_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W_in)
+            x_rows = ((img * H + h) * W_in + w) * C
+        c_ok = c < C
+        a_mask = pix_ok[:, None] & c_ok[None, :]
+        a = tl.load(X + x_rows[:, None] + c[None, :], mask=a_mask, other=0.0)
+        if HAS_PROLOGUE:
+            scale = tl.load(SCALE + c, mask=c_ok, other=0.0)
+            shift = tl.load(SHIFT + c, mask=c_ok, other=0.0)
+            z = a.to(tl.float32) * scale[None, :] + shift[None, :]
+            z = tl.where(z < 0.0, 0.0, z)  # relu that keeps NaN, as torch.relu does
+            # Padding is zero in act(x), so mask after the transform (relu(shift) ≠ 0).
+            a = tl.where(a_mask, z, 0.0).to(X.dtype.element_ty)
+        b = tl.load(W + w_rows[None, :] + (rs * C + c)[:, None],
+                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     out_mask = m_ok[:, None] & n_ok[None, :]
     out_offs = offs_m.to(tl.int64)[:, None] * K + offs_n[None, :]
     # Inference epilogue (conv with a folded BN): + bias [+ residual] [then relu].
@@ -245,32 +249,34 @@ def _conv_dgrad_kernel(
     h = hw // W_in
     w = hw % W_in
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r in tl.static_range(R):
-        for s in tl.static_range(S):
-            if PLAIN_GEMM:
-                pix_ok = m_ok
-                dy_rows = offs_m.to(tl.int64) * K
-            else:
-                # Output pixel (p, q) that reads (h, w) through tap (r, s); strided convs skip the
-                # taps that land between output pixels (the zero-insertion of conv_transpose).
-                hp = h + pad_h - r * dil_h
-                wq = w + pad_w - s * dil_w
-                p = hp // stride_h
-                q = wq // stride_w
-                pix_ok = (m_ok & (hp >= 0) & (wq >= 0) & (hp % stride_h == 0)
-                          & (wq % stride_w == 0) & (p < P) & (q < Q))
-                dy_rows = ((img * P + p) * Q + q) * K
-            for k0 in range(0, K, BLOCK_K):
-                k = k0 + offs_k
-                k_ok = k < K
-                dy_mask = pix_ok[:, None] & k_ok[None, :]
-                a = tl.load(DY + dy_rows[:, None] + k[None, :], mask=dy_mask, other=0.0)
-                if HAS_DY_PROLOGUE:
-                    a = _dy_with_stats_grad(a, Y + dy_rows[:, None] + k[None, :], dy_mask,
-                                            Y_MEAN, DY_ALPHA, DY_BETA, k, k_ok, 1)
-                b = tl.load(W + k.to(tl.int64)[:, None] * (R * S * C) + (r * S + s) * C
-                            + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    num_k_blocks = tl.cdiv(K, BLOCK_K)
+    for t in range(0, R * S * num_k_blocks):  # flat over (tap, channel block), as in the forward
+        rs = t // num_k_blocks
+        k = (t - rs * num_k_blocks) * BLOCK_K + offs_k
+        r = rs // S
+        s = rs - r * S
+        if PLAIN_GEMM:
+            pix_ok = m_ok
+            dy_rows = offs_m.to(tl.int64) * K
+        else:
+            # Output pixel (p, q) that reads (h, w) through tap (r, s); strided convs skip the
+            # taps that land between output pixels (the zero-insertion of conv_transpose).
+            hp = h + pad_h - r * dil_h
+            wq = w + pad_w - s * dil_w
+            p = hp // stride_h
+            q = wq // stride_w
+            pix_ok = (m_ok & (hp >= 0) & (wq >= 0) & (hp % stride_h == 0)
+                      & (wq % stride_w == 0) & (p < P) & (q < Q))
+            dy_rows = ((img * P + p) * Q + q) * K
+        k_ok = k < K
+        dy_mask = pix_ok[:, None] & k_ok[None, :]
+        a = tl.load(DY + dy_rows[:, None] + k[None, :], mask=dy_mask, other=0.0)
+        if HAS_DY_PROLOGUE:
+            a = _dy_with_stats_grad(a, Y + dy_rows[:, None] + k[None, :], dy_mask,
+                                    Y_MEAN, DY_ALPHA, DY_BETA, k, k_ok, 1)
+        b = tl.load(W + k.to(tl.int64)[:, None] * (R * S * C) + rs * C + offs_n[None, :],
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     out_mask = m_ok[:, None] & n_ok[None, :]
     out_offs = offs_m.to(tl.int64)[:, None] * C + offs_n[None, :]
     da = acc.to(DX.dtype.element_ty)
@@ -398,7 +404,9 @@ def conv_wgrad(dy, x, kernel_rs, stride, padding, dilation, scale=None, shift=No
     if split is None:
         # Enough programs to fill the GPU when K·C·R·S is small and N·P·Q long; one under the
         # interpreter (each program instance costs real time there).
-        split = 1 if _interpreting() else max(1, min(32, total // 4096))
+        # The fp32 partials stay under ~64 MiB.
+        split = 1 if _interpreting() else max(1, min(32, total // 4096,
+                                                     (1 << 24) // max(K * R * S * C, 1)))
     part = torch.empty((split, K, R, S, C), dtype=torch.float32, device=dy.device)
     has_prologue = scale is not None
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_M"]),  # noqa: E731
