@@ -27,9 +27,12 @@ def normconv_on():
     normconv.set_normconv(prev)
 
 
-def make_block(kind, dtype, momentum=0.1, seed=0):
+def make_block(kind, dtype, momentum=0.1, seed=0, sizes=None):
     torch.manual_seed(seed)
     inplanes, planes, stride = (8, 4, 2) if kind == "bottleneck" else (4, 6, 2)
+    n, hw = 2, 7
+    if sizes is not None:
+        n, inplanes, planes, stride, hw = sizes
     cls = TVBottleneck if kind == "bottleneck" else TVBasicBlock
     out = planes * cls.expansion
     downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False), nn.BatchNorm2d(out))
@@ -45,7 +48,7 @@ def make_block(kind, dtype, momentum=0.1, seed=0):
     for m in block.modules():  # activations and conv weights in dtype, BN parameters in fp32
         if isinstance(m, nn.Conv2d):
             m.to(dtype)
-    x = torch.randn(2, inplanes, 7, 7, device=DEV).to(dtype)
+    x = torch.randn(n, inplanes, hw, hw, device=DEV).to(dtype)
     return block, x.contiguous(memory_format=torch.channels_last)
 
 
@@ -75,7 +78,7 @@ def run(block, x, fused, train=True, own_forward=False):
 def eager_pair(block, x, train):
     ref_block = copy.deepcopy(block).double()
     eager_block = copy.deepcopy(block)
-    if block.conv1.weight.dtype != torch.float32:
+    if block.conv1.weight.dtype != torch.float32 and not block.conv1.weight.is_cuda:
         # Eager in fp16: BN layers must see fp16 input; torch's CPU BN wants matching params.
         eager_block = eager_block.to(block.conv1.weight.dtype)
     return run(ref_block, x.double(), False, train), run(eager_block, x, False, train)
@@ -150,3 +153,38 @@ def test_fastres_bottleneck_forward_takes_the_path(monkeypatch):
         helpers.assert_rule(fused[name], eager[name], ref[name], name) \
             if not name.endswith("num_batches_tracked") else \
             torch.testing.assert_close(fused[name], eager[name])
+
+
+def test_compiled_block():
+    block, x = make_block("basic", torch.float32)
+    fused = fastres.BasicBlock(4, 6, 2, nn.Sequential(
+        nn.Conv2d(4, 6, 1, 2, bias=False), fastres.BatchNormAct2d(6, activation=None)))
+    fused.load_state_dict(block.state_dict())
+    twin = copy.deepcopy(fused)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    y_ref = twin(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.bn1.running_var, twin.bn1.running_var)
+    assert fused.bn1.num_batches_tracked.item() == twin.bn1.num_batches_tracked.item() == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind, sizes", [("bottleneck", (8, 256, 64, 1, 28)),
+                                         ("bottleneck", (8, 256, 128, 2, 28)),
+                                         ("basic", (8, 64, 128, 2, 28))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_gpu_block_matches_eager(kind, sizes, dtype, train):
+    block, x = make_block(kind, dtype, sizes=sizes)
+    if not train:
+        for m in block.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.requires_grad_(False)
+    ref, eager = eager_pair(block, x, train)
+    fused = run(copy.deepcopy(block), x, True, train)
+    for name in ref:
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(fused[name], eager[name]), name
+        else:
+            helpers.assert_rule(fused[name], eager[name].to(fused[name].dtype), ref[name], name)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from fastres import functional as F
-from fastres.backend import resolve
+from fastres.backend import get_backend, triton_interpreting
 
 __all__ = ["NORMCONV_TABLE", "NORMCONV_TABLE_DEVICE", "set_normconv", "get_normconv",
            "conv_choice", "block_uses_normconv", "bottleneck_forward", "basic_block_forward"]
@@ -101,6 +101,16 @@ def _convs_and_bns(block):
             [getattr(block, "bn" + n, None) for n in names])
 
 
+def _triton_backend_selected(x: Tensor) -> bool:
+    """The backend runs the Triton conv kernels for x (plain Python: traceable by dynamo)."""
+    backend = get_backend()
+    if backend == "torch":
+        return False
+    if x.is_cuda:
+        return True  # "auto", "triton" and "cuda" (which has no conv of its own) all use Triton
+    return backend == "triton" and triton_interpreting()
+
+
 def block_uses_normconv(block: nn.Module, x: Tensor) -> bool:
     """Whether ``block`` (BasicBlock / Bottleneck) runs the normconv path for input ``x``."""
     if _mode == "off" or (_mode == "auto" and not NORMCONV_TABLE):
@@ -129,10 +139,7 @@ def block_uses_normconv(block: nn.Module, x: Tensor) -> bool:
         # (with grad enabled) keep the fallback. Inference and frozen BN take the fused path.
         if torch.is_grad_enabled() and any(p.requires_grad for b in bns for p in b.parameters()):
             return False
-    try:
-        if resolve(x.device, "norm_conv", tuple(x.shape)) not in ("triton", "cuda"):
-            return False
-    except RuntimeError:
+    if not _triton_backend_selected(x):
         return False
     return all(conv_choice(c, x.dtype) == NORMCONV for c in convs)
 
