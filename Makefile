@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: venv install test test-gpu bench clean
 
@@ -27,8 +28,10 @@ test: install
 test-gpu: install
 	$(PY) -m pytest tests -m gpu $(PYTEST_ARGS)
 
+# GPU: the full suite into benchmarks/results/ (BENCH_ARGS=--quick for the short one). No GPU: small
+# CPU figures into benchmarks/results/cpu/ (not committed), labelled as such.
 bench: install
-	$(PY) -m benchmarks.run --cpu-if-no-gpu
+	$(PY) -m benchmarks.run --cpu-if-no-gpu $(BENCH_ARGS)
 
 clean:
 	rm -rf build *.egg-info fastres/_C*.so

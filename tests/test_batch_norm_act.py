@@ -390,3 +390,13 @@ def test_gpu_cuda_graph_capture(backend):
     g.replay()
     torch.cuda.synchronize()
     assert torch.isfinite(y.float()).all()
+
+
+def test_bf16_output_rounds_to_nearest_even(backend):
+    """The kernels round fp32 → bf16 to nearest even (the interpreter's own cast truncates)."""
+    x, kw = make_case((4, 64, 3, 3), torch.bfloat16, channels_last=True)
+    C = x.shape[1]
+    mean, scale, shift = torch.zeros(C), torch.full((C,), 1.37), torch.full((C,), 0.01)
+    y = tbn.apply(x, mean, scale, shift, None, False)
+    expect = (x.float() * 1.37 + 0.01).to(torch.bfloat16)
+    assert torch.equal(y, expect)

@@ -59,6 +59,18 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     return n, mean, m2
 
 
+@triton.jit
+def _round_to(y, DTYPE: tl.constexpr):
+    """fp32 → DTYPE with round-to-nearest-even. The Triton interpreter truncates fp32 → bf16, so
+    bf16 is rounded on the bits here (identical to the hardware cast on a GPU; NaN kept)."""
+    if DTYPE == tl.bfloat16:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+        y = tl.where(y != y, y, rounded)
+    return y.to(DTYPE)
+
+
 # ------------------------------------------------------------------------------------------------
 # Batch statistics.
 
@@ -151,7 +163,7 @@ def _apply_kernel(
     y = _pre_activation(x, res, mean, scale, shift, HAS_RESIDUAL)
     if RELU:
         y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, as torch.relu does (max(NaN, 0) would not)
-    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + offs, _round_to(y, Y.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -165,7 +177,7 @@ def _masked_grad(dy, x, res, mean, scale, shift, X_DTYPE: tl.constexpr,
     (zero where the output, rounded to the activation dtype, is <= 0; NaN outputs pass)."""
     if RELU:
         y = _pre_activation(x, res, mean, scale, shift, HAS_RESIDUAL)
-        y = y.to(X_DTYPE).to(tl.float32)
+        y = _round_to(y, X_DTYPE).to(tl.float32)
         dy = tl.where(y <= 0.0, 0.0, dy)
     return dy
 
@@ -244,9 +256,9 @@ def _backward_dx_kernel(
         res = tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
     dy = _masked_grad(dy, x, res, mean, scale, shift, X.dtype.element_ty, HAS_RESIDUAL, RELU)
     dx = a[None, :] * dy + k[None, :] * (x - mean[None, :]) + c[None, :]
-    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DX + offs, _round_to(dx, DX.dtype.element_ty), mask=mask)
     if HAS_DRES:
-        tl.store(DRES + offs, dy.to(DRES.dtype.element_ty), mask=mask)
+        tl.store(DRES + offs, _round_to(dy, DRES.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------

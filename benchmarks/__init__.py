@@ -1,0 +1,1 @@
+"""fastres benchmark suite: ``python -m benchmarks.run`` (see benchmarks/README.md)."""

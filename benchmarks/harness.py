@@ -1,0 +1,558 @@
+"""Timing, the byte model, and the builders that turn a case + implementation into timed callables.
+
+Implementations:
+    "eager"          torch.nn / torch.nn.functional, same dtype and channels_last layout.
+    "compile"        torch.compile of the eager model (``mode`` chosen by the runner), no CUDA graphs.
+    "fastres-triton" / "fastres-cuda" / "fastres-torch"
+                     the fastres modules (``fastres.convert`` of the eager model, or fastres.ConvBNAct2d /
+                     fastres.functional.batch_norm_act) with that fastres backend selected.
+
+Byte model (op level). GB/s is computed from the *minimum* traffic of the fused op: one read of each
+input tensor and one write of each output tensor, per-channel vectors ignored:
+
+    forward   read x (+ read residual) + write y
+    backward  read dy, x (+ residual) + write dx (+ write dresidual)
+
+A training forward really reads x twice (the statistics pass, then the normalisation pass), and the
+backward reads dy and x twice (reduction, then dx); those second reads are *not* counted, so reaching
+~85 % of the copy bandwidth with this definition is a demanding target. The copy bandwidth is measured
+in the same run as 2 * bytes / time of ``dst.copy_(src)`` on a large tensor.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import itertools
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.cases import BlockCase, ConvCase, ModelCase, OpCase
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GPU_IMPLS = ("eager", "compile", "fastres-triton", "fastres-cuda")
+CPU_IMPLS = ("eager", "fastres-torch")
+ALL_IMPLS = ("eager", "compile", "fastres-triton", "fastres-cuda", "fastres-torch")
+MODES = ("fwd", "bwd", "fwd+bwd", "train_step", "eval")
+RECORD_FIELDS = ("level", "case", "impl", "dtype", "mode", "ms", "gbps", "pct_copy_bw",
+                 "images_per_s", "peak_mem_bytes")
+
+
+class Skip(Exception):
+    """This implementation / case cannot run here; the message says why."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Environment
+
+
+def git_commit() -> Optional[str]:
+    if os.environ.get("FASTRES_COMMIT"):
+        return os.environ["FASTRES_COMMIT"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not sha:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except Exception:
+        return None
+
+
+def env_info(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        device_name = f"{name} (sm {cap})"
+    else:
+        device_name = f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    return {
+        "device": device_name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "commit": git_commit(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def make_record(level, case, impl, dtype, mode, ms, gbps=None, pct_copy_bw=None, images_per_s=None,
+                peak_mem_bytes=None) -> dict:
+    assert mode in MODES, mode
+    return {"level": level, "case": case, "impl": impl, "dtype": dtype, "mode": mode,
+            "ms": float(ms), "gbps": gbps, "pct_copy_bw": pct_copy_bw,
+            "images_per_s": images_per_s, "peak_mem_bytes": peak_mem_bytes}
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+
+
+class Timer:
+    """Median wall time of ``fn()`` in ms, after warm-up.
+
+    CUDA: ``triton.testing.do_bench(return_mode="median")`` (it also flushes L2 before each run), with
+    ``rep`` raised so that at least ``min_reps`` runs are timed; CUDA events when triton is missing.
+    CPU: ``time.perf_counter`` around each call.
+    """
+
+    def __init__(self, device: torch.device, warmup_ms: float = 25, rep_ms: float = 100,
+                 min_reps: int = 10, cpu_budget_s: float = 0.25, cpu_max_reps: int = 30):
+        self.device = device
+        self.warmup_ms, self.rep_ms, self.min_reps = warmup_ms, rep_ms, min_reps
+        self.cpu_budget_s, self.cpu_max_reps = cpu_budget_s, cpu_max_reps
+
+    def __call__(self, fn: Callable, grad_to_none=None) -> float:
+        if self.device.type == "cuda":
+            return self._cuda(fn, grad_to_none)
+        return self._cpu(fn, grad_to_none)
+
+    def _cuda(self, fn, grad_to_none):
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        estimate = max(start.elapsed_time(end) / 3, 1e-3)
+        warmup = max(self.warmup_ms, 2 * estimate)
+        rep = max(self.rep_ms, self.min_reps * estimate * 1.05)
+        try:
+            from triton.testing import do_bench
+        except Exception:
+            do_bench = None
+        if do_bench is not None:
+            return float(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
+                                  return_mode="median"))
+        n_warmup, n_rep = max(1, int(warmup / estimate)), max(self.min_reps, int(rep / estimate))
+        for _ in range(n_warmup):
+            fn()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(n_rep)]
+        for s, e in events:
+            _clear_grads(grad_to_none)
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in events)
+
+    def _cpu(self, fn, grad_to_none):
+        fn()  # warm-up
+        times = []
+        t_end = time.perf_counter() + self.cpu_budget_s
+        while len(times) < 3 or (len(times) < self.cpu_max_reps and time.perf_counter() < t_end):
+            _clear_grads(grad_to_none)
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+
+def _clear_grads(tensors):
+    for t in tensors or ():
+        t.grad = None
+
+
+def peak_memory(device: torch.device, fn: Callable, grad_to_none=None) -> Optional[int]:
+    """torch.cuda.max_memory_allocated over two steady-state calls (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    _clear_grads(grad_to_none)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated())
+
+
+def copy_bandwidth(device: torch.device, timer: Timer, nbytes: Optional[int] = None):
+    """(ms, GB/s) of a device-to-device ``copy_``: 2 * bytes (read + write) / time."""
+    if nbytes is None:
+        nbytes = (512 << 20) if device.type == "cuda" else (64 << 20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src))
+    del src, dst
+    return ms, 2 * nbytes / (ms * 1e-3) / 1e9, nbytes
+
+
+def l2_bytes(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "L2_cache_size", 0) or (50 << 20))
+
+
+def pool_size(device: torch.device, bytes_per_set: int, max_sets: int = 16) -> int:
+    """How many input sets to rotate through so that consecutive runs don't hit in L2: 1 when one set
+    is already larger than 4x L2 (always on CPU), else enough to cover 4x L2."""
+    l2 = l2_bytes(device)
+    if l2 == 0 or bytes_per_set >= 4 * l2:
+        return 1
+    return max(1, min(max_sets, math.ceil(4 * l2 / max(bytes_per_set, 1))))
+
+
+def rotate(items):
+    it = itertools.cycle(items)
+    return lambda: next(it)
+
+
+# --------------------------------------------------------------------------------------------------
+# Implementations
+
+
+def impl_unavailable(impl: str, device: torch.device) -> Optional[str]:
+    """Why ``impl`` cannot run on ``device`` (None when it can)."""
+    if impl not in ALL_IMPLS:
+        return f"unknown implementation {impl!r} (choose from {', '.join(ALL_IMPLS)})"
+    if impl == "compile":
+        return None if hasattr(torch, "compile") else "torch.compile is missing"
+    if impl.startswith("fastres-"):
+        backend = impl.split("-", 1)[1]
+        try:
+            import fastres
+        except Exception as e:
+            return f"fastres does not import ({type(e).__name__}: {e})"
+        ok, why = fastres.backend_status().get(backend, (False, "unknown backend"))
+        if not ok:
+            return f"fastres backend {backend!r} unavailable: {why}"
+        if backend == "cuda" and device.type != "cuda":
+            return "fastres backend 'cuda' needs a CUDA device"
+        if backend == "triton" and device.type != "cuda":
+            return "fastres-triton on CPU runs in the Triton interpreter (not a benchmark)"
+    return None
+
+
+def impl_context(impl: str):
+    if impl.startswith("fastres-"):
+        import fastres
+
+        return fastres.use_backend(impl.split("-", 1)[1])
+    return contextlib.nullcontext()
+
+
+def compile_fn(fn, mode: Optional[str]):
+    import torch._dynamo
+
+    torch._dynamo.reset()  # each case compiles afresh: no recompile limit, no automatic dynamic shapes
+    for knob in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
+    return torch.compile(fn, mode=mode, dynamic=False)
+
+
+def has_fastres_module(model: nn.Module) -> bool:
+    return any(type(m).__module__.split(".")[0] == "fastres" for m in model.modules())
+
+
+def to_fastres(eager: nn.Module, case) -> nn.Module:
+    """The fastres version of ``eager`` with the same weights; raises Skip when the API is missing."""
+    try:
+        import fastres
+    except Exception as e:
+        raise Skip(f"fastres does not import ({e})")
+    if type(eager).__module__.split(".")[0] == "fastres":
+        return fused_twin(eager, case)
+    if isinstance(case, ConvCase) and hasattr(fastres, "ConvBNAct2d"):
+        s = case.spec
+        try:
+            m = fastres.ConvBNAct2d(s.in_channels, s.out_channels, s.kernel, stride=s.stride,
+                                    padding=s.padding)
+            m.load_state_dict(eager.state_dict())
+            return m.to(device=next(eager.parameters()).device, memory_format=torch.channels_last)
+        except TypeError:
+            pass  # a different signature: try convert below
+    convert = getattr(fastres, "convert", None)
+    if convert is None:
+        raise Skip("fastres.convert is not available in this fastres")
+    model = convert(eager)  # a converted copy sharing nothing with ``eager``
+    if not isinstance(model, nn.Module):
+        raise Skip(f"fastres.convert returned {type(model).__name__}, not a module")
+    if not has_fastres_module(model):
+        raise Skip(f"fastres.convert replaced no module of {type(eager).__name__}")
+    return model
+
+
+def fused_twin(eager: nn.Module, case) -> nn.Module:
+    """The fused fastres model / block for an eager one built from fastres classes with plain
+    ``nn.BatchNorm2d`` (the fallback when torchvision is missing), with the same weights."""
+    import fastres
+
+    if isinstance(case, ModelCase):
+        fused = getattr(fastres.models, case.arch)()
+    else:
+        s = case.spec
+        cls = fastres.BasicBlock if s.kind == "basic" else fastres.Bottleneck
+        down = None
+        if s.downsample:
+            down = nn.Sequential(nn.Conv2d(s.inplanes, s.out_channels, 1, s.stride, bias=False),
+                                 fastres.BatchNormAct2d(s.out_channels, activation=None))
+        fused = cls(s.inplanes, s.planes, s.stride, down)
+    fused.load_state_dict(eager.state_dict())
+    return fused.to(device=next(eager.parameters()).device, memory_format=torch.channels_last)
+
+
+def unfused_fastres(name: str, *args, **kwargs) -> nn.Module:
+    """fastres.models.<name> / fastres.<name> with plain nn.BatchNorm2d + nn.ReLU: the eager
+    baseline when torchvision is not installed (same architecture and state_dict keys)."""
+    try:
+        import fastres
+        import fastres.models
+    except Exception as e:
+        raise Skip(f"torchvision is not installed and fastres.models is not available ({e})")
+    where = fastres.models if name.startswith("resnet") else fastres
+    if not hasattr(where, name):
+        raise Skip(f"torchvision is not installed and fastres has no {name}")
+    return getattr(where, name)(*args, norm_layer=nn.BatchNorm2d, **kwargs)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def release():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------
+# Builders: each returns {mode: Bench}
+
+
+@dataclass
+class Bench:
+    fn: Callable
+    grad_to_none: Optional[list] = None
+    bytes: Optional[int] = None  # op level: minimum traffic (see the module docstring)
+    images: Optional[int] = None  # model level: images per call
+
+
+def op_bytes(case: OpCase, dtype: torch.dtype) -> dict:
+    n = math.prod(case.shape) * torch.empty((), dtype=dtype).element_size()
+    r = int(case.spec.residual)
+    return {"fwd": n * (2 + r), "bwd": n * (3 + 2 * r)}
+
+
+def eager_bn_act(activation):
+    """BN (+ residual) (+ ReLU) as torchvision's ResNet does it: in-place add and in-place ReLU."""
+
+    def bn_act(x, running_mean, running_var, weight, bias, residual):
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5)
+        if residual is not None:
+            y += residual
+        if activation == "relu":
+            y = torch.relu_(y)
+        return y
+
+    return bn_act
+
+
+def fastres_bn_act(activation):
+    from fastres.functional import batch_norm_act
+
+    def bn_act(x, running_mean, running_var, weight, bias, residual):
+        return batch_norm_act(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5,
+                              residual=residual, activation=activation)
+
+    return bn_act
+
+
+def build_op(case: OpCase, impl: str, dtype: torch.dtype, device: torch.device,
+             compile_mode: Optional[str] = None) -> dict:
+    spec = case.spec
+    if impl.startswith("fastres-"):
+        try:
+            fn = fastres_bn_act(spec.activation)
+        except ImportError as e:
+            raise Skip(f"fastres.functional.batch_norm_act is missing ({e})")
+    else:
+        fn = eager_bn_act(spec.activation)
+        if impl == "compile":
+            fn = compile_fn(fn, compile_mode)
+    C = spec.channels
+    torch.manual_seed(0)
+    weight = (1 + 0.1 * torch.randn(C, device=device)).requires_grad_()
+    bias = (0.1 * torch.randn(C, device=device)).requires_grad_()
+    running_mean, running_var = torch.zeros(C, device=device), torch.ones(C, device=device)
+    nbytes = op_bytes(case, dtype)
+    elem = math.prod(case.shape) * torch.empty((), dtype=dtype).element_size()
+    k = pool_size(device, elem * (4 + 2 * spec.residual))  # x, y, dy, dx (+ residual, dresidual)
+
+    def tensor():
+        return torch.randn(case.shape, device=device, dtype=dtype).contiguous(
+            memory_format=torch.channels_last)
+
+    sets = []
+    for _ in range(k):
+        x = tensor().requires_grad_()
+        res = tensor().requires_grad_() if spec.residual else None
+        sets.append((x, res))
+
+    def args(x, res):
+        return (x, running_mean, running_var, weight, bias, res)
+
+    next_fwd = rotate(sets)
+
+    def fwd():
+        fn(*args(*next_fwd()))
+
+    # backward: one retained graph per set; time autograd.grad of each in turn
+    graphs = []
+    for x, res in sets:
+        y = fn(*args(x, res))
+        inputs = [x, weight, bias] + ([res] if res is not None else [])
+        graphs.append((y, inputs, torch.randn_like(y)))
+    next_bwd = rotate(graphs)
+
+    def bwd():
+        y, inputs, dy = next_bwd()
+        torch.autograd.grad(y, inputs, dy, retain_graph=True)
+
+    return {"fwd": Bench(fwd, bytes=nbytes["fwd"]), "bwd": Bench(bwd, bytes=nbytes["bwd"])}
+
+
+def eager_block(case, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    if isinstance(case, ConvCase):
+        s = case.spec
+        m = nn.Sequential(nn.Conv2d(s.in_channels, s.out_channels, s.kernel, s.stride, s.padding,
+                                    bias=False),
+                          nn.BatchNorm2d(s.out_channels), nn.ReLU(inplace=True))
+    else:
+        s = case.spec
+        down = None
+        if s.downsample:
+            down = nn.Sequential(nn.Conv2d(s.inplanes, s.out_channels, 1, s.stride, bias=False),
+                                 nn.BatchNorm2d(s.out_channels))
+        name = "BasicBlock" if s.kind == "basic" else "Bottleneck"
+        try:
+            from torchvision.models import resnet as tv_resnet
+        except ImportError:
+            m = unfused_fastres(name, s.inplanes, s.planes, s.stride, down)
+        else:
+            m = getattr(tv_resnet, name)(s.inplanes, s.planes, s.stride, down)
+    return m.to(device=device, memory_format=torch.channels_last)
+
+
+def block_input_shape(case):
+    s = case.spec
+    c = s.in_channels if isinstance(case, ConvCase) else s.inplanes
+    return (case.batch, c, s.height, s.width)
+
+
+def make_impl_model(eager: nn.Module, case, impl: str, compile_mode):
+    if impl == "eager":
+        return eager
+    if impl == "compile":
+        return compile_fn(eager, compile_mode)
+    return to_fastres(eager, case)
+
+
+def build_block(case, impl: str, dtype: torch.dtype, device: torch.device,
+                compile_mode: Optional[str] = None) -> dict:
+    """ConvBNAct2d / BasicBlock / Bottleneck: training forward+backward, and eval forward."""
+    eager = eager_block(case, device)
+    model = make_impl_model(eager, case, impl, compile_mode)
+    params = [p for p in model.parameters() if p.requires_grad]
+    shape = block_input_shape(case)
+    elem = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    k = pool_size(device, elem * 4)
+    xs = [torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+          .requires_grad_() for _ in range(k)]
+    model.train()
+    with autocast(device, dtype):
+        out = model(xs[0])
+    dys = [torch.randn_like(out) for _ in range(k)]
+    del out
+    next_train = rotate(list(zip(xs, dys)))
+
+    def train():
+        x, dy = next_train()
+        with autocast(device, dtype):
+            out = model(x)
+        out.backward(dy)
+
+    next_eval = rotate(xs)
+
+    def evaluate():
+        with torch.no_grad(), autocast(device, dtype):
+            model(next_eval())
+
+    return {"fwd+bwd": Bench(_in_mode(model, True, train), grad_to_none=params + xs),
+            "eval": Bench(_in_mode(model, False, evaluate))}
+
+
+def build_model(case: ModelCase, impl: str, dtype: torch.dtype, device: torch.device,
+                compile_mode: Optional[str] = None) -> dict:
+    """torchvision's ResNet (fastres.models with plain nn.BatchNorm2d when torchvision is missing):
+    SGD training step (forward, cross-entropy, backward, step) and eval forward."""
+    torch.manual_seed(0)
+    try:
+        import torchvision
+    except ImportError:
+        eager = unfused_fastres(case.arch)
+    else:
+        eager = getattr(torchvision.models, case.arch)(weights=None)
+    eager = eager.to(device=device, memory_format=torch.channels_last)
+    model = make_impl_model(eager, case, impl, compile_mode)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3,
+                          momentum=0.9, foreach=device.type == "cuda")
+    x = torch.randn(case.batch, 3, case.image_size, case.image_size, device=device).contiguous(
+        memory_format=torch.channels_last)
+    labels = torch.randint(0, 1000, (case.batch,), device=device)
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, dtype):
+            loss = F.cross_entropy(model(x), labels)
+        loss.backward()
+        opt.step()
+
+    def evaluate():
+        with torch.no_grad(), autocast(device, dtype):
+            model(x)
+
+    return {"train_step": Bench(_in_mode(model, True, train_step), images=case.batch),
+            "eval": Bench(_in_mode(model, False, evaluate), images=case.batch)}
+
+
+def _in_mode(model: nn.Module, training: bool, fn: Callable) -> Callable:
+    """``fn`` run with ``model`` in train / eval mode, whichever mode the previous call left."""
+
+    def call():
+        if model.training != training:
+            model.train(training)
+        return fn()
+
+    return call
+
+
+BUILDERS = {OpCase: build_op, ConvCase: build_block, BlockCase: build_block, ModelCase: build_model}
+
+
+def build(case, impl, dtype, device, compile_mode=None) -> dict:
+    return BUILDERS[type(case)](case, impl, dtype, device, compile_mode)
