@@ -188,3 +188,38 @@ def test_gpu_block_matches_eager(kind, sizes, dtype, train):
             assert torch.equal(fused[name], eager[name]), name
         else:
             helpers.assert_rule(fused[name], eager[name].to(fused[name].dtype), ref[name], name)
+
+
+@pytest.mark.parametrize("dtype, sizes", [
+    (torch.float16, None),
+    pytest.param(torch.bfloat16, (16, 256, 64, 2, 28), marks=pytest.mark.gpu),
+    pytest.param(torch.float16, (16, 256, 64, 1, 28), marks=pytest.mark.gpu),
+])
+def test_block_under_autocast(dtype, sizes):
+    # AMP training: fp32 parameters and input, the convs in fp16 / bf16 (bf16 dots are wrong
+    # under the interpreter: bf16 runs on GPU only).
+    block, x = make_block("bottleneck", torch.float32, sizes=sizes)
+
+    def run_amp(block, x, dtype, fused):
+        x = x.detach().clone().requires_grad_()
+        with torch.autocast(x.device.type, dtype=dtype):
+            if fused:
+                assert normconv.block_uses_normconv(block, x)
+                y = normconv.bottleneck_forward(block, x)
+            else:
+                with fastres.use_backend("torch"):
+                    y = block(x)
+        assert y.dtype == dtype
+        g = torch.Generator().manual_seed(1)
+        y.backward(torch.randn(y.shape, generator=g).to(y.device, y.dtype))
+        return {"y": y, "dx": x.grad, **{"d" + n: p.grad for n, p in block.named_parameters()},
+                **dict(block.named_buffers())}
+
+    ref = run(copy.deepcopy(block).double(), x.double(), False)
+    eager = run_amp(copy.deepcopy(block), x, dtype, False)
+    fused = run_amp(copy.deepcopy(block), x, dtype, True)
+    for name in ref:
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(fused[name], eager[name]), name
+        else:
+            helpers.assert_rule(fused[name], eager[name], ref[name], name)

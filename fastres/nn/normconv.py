@@ -123,9 +123,12 @@ def block_uses_normconv(block: nn.Module, x: Tensor) -> bool:
     if not all(isinstance(b, nn.BatchNorm2d) and b.num_features == c.out_channels
                for b, c in zip(bns, convs)):
         return False
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or torch.is_autocast_enabled():
+    autocast = _autocast_dtype(x)
+    dtype = autocast or x.dtype
+    allowed = (dtype, torch.float32) if autocast is not None else (dtype,)
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32) or x.dtype not in allowed:
         return False
-    if any(c.weight.dtype != x.dtype or c.weight.device != x.device for c in convs):
+    if any(c.weight.dtype not in allowed or c.weight.device != x.device for c in convs):
         return False
     if any(b.training != block.training for b in bns):
         return False
@@ -190,25 +193,43 @@ def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d):
     return weight, shift
 
 
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast would run x's convs in, or None outside autocast."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
 def _chain(block: nn.Module, x: Tensor) -> Tensor:
     convs, bns = _convs_and_bns(block)
-    identity = x if block.downsample is None else block.downsample(x)
+    identity = x if block.downsample is None else block.downsample(x)  # under autocast, as eager
+    dtype = _autocast_dtype(x)
+    if dtype is None:
+        return _chain_in_dtype(block, convs, bns, x, identity, x.dtype)
+    # Autocast runs each conv in its dtype (fp32 weights cast per call, differentiably) and BN in
+    # its input's dtype: do the same explicitly, with autocast off inside the fused ops.
+    with torch.autocast(x.device.type, enabled=False):
+        return _chain_in_dtype(block, convs, bns, x.to(dtype), identity, dtype)
+
+
+def _chain_in_dtype(block, convs, bns, x: Tensor, identity: Tensor, dtype: torch.dtype) -> Tensor:
     if not block.training:
         out = x
         for i, (conv, bn) in enumerate(zip(convs, bns)):
             weight, bias = _folded(conv, bn)
             last = i == len(convs) - 1
-            out = F.conv_bias_act(out, weight, bias, *_conv_args(conv), groups=1,
-                                  residual=identity.to(out.dtype) if last else None,
+            out = F.conv_bias_act(out, weight.to(dtype), bias, *_conv_args(conv), groups=1,
+                                  residual=identity.to(dtype) if last else None,
                                   activation="relu")
         return out
     y = x
     scale = shift = None
     for conv, bn in zip(convs[:-1], bns[:-1]):
-        y, mean, var = F.norm_conv(y, conv.weight, *_conv_args(conv), scale=scale, shift=shift,
-                                   collect_stats=True)
+        y, mean, var = F.norm_conv(y, conv.weight.to(dtype), *_conv_args(conv), scale=scale,
+                                   shift=shift, collect_stats=True)
         scale, shift = _bn_train_fold(bn, mean, var, y)
-    y, _, _ = F.norm_conv(y, convs[-1].weight, *_conv_args(convs[-1]), scale=scale, shift=shift)
+    y, _, _ = F.norm_conv(y, convs[-1].weight.to(dtype), *_conv_args(convs[-1]), scale=scale,
+                          shift=shift)
     return _tail(bns[-1], y, identity)
 
 
