@@ -1,5 +1,5 @@
-"""Normalized convolution (fastres.functional.norm_conv): Triton implicit-GEMM conv with the BN-apply +
-ReLU prologue and the batch-statistics epilogue, forward and backward, against eager
+"""Normalized convolution (fastres.functional.norm_conv): Triton implicit-GEMM conv with the
+BN-apply + ReLU prologue and the batch-statistics epilogue, forward and backward, against eager
 F.conv2d + F.batch_norm + relu with the tolerance rule
 
     err(fused vs fp64 reference) <= 2 · err(eager in the same dtype vs fp64 reference) + floor.
@@ -382,8 +382,8 @@ def test_conv_bias_act(dtype, geometry, with_residual):
         y.backward(dy.to(y.dtype))
         return [y] + [t.grad for t in inputs]
 
-    ref = run(x.double(), w.double(), bias.double(), None if residual is None else residual.double(),
-              False)
+    ref = run(x.double(), w.double(), bias.double(),
+              None if residual is None else residual.double(), False)
     eager = run(x, w, bias, residual, False)
     fused = run(x, w, bias, residual, True)
     for name, f, e, r in zip(("y", "dx", "dw", "dbias", "dresidual"), fused, eager, ref):

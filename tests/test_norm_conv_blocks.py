@@ -1,6 +1,7 @@
 """The normconv path of ResNet blocks (fastres.nn.normconv) against torchvision's blocks in eager:
 outputs, every gradient (input, conv weights, BN weights and biases, downsample), running statistics
-and num_batches_tracked, in training and eval, on CPU under the Triton interpreter (small shapes)."""
+and num_batches_tracked, in training and eval, on CPU under the Triton interpreter (small
+shapes)."""
 from __future__ import annotations
 
 import copy

@@ -174,7 +174,7 @@ def _conv_args(conv: nn.Conv2d):
 
 
 def _tail(bn: nn.BatchNorm2d, y: Tensor, identity: Tensor) -> Tensor:
-    """relu(BN(y) + identity): the foundation's fused op (BatchNormAct2d's own forward if it is one)."""
+    """relu(BN(y) + identity): the foundation's fused op (a BatchNormAct2d's own forward)."""
     if hasattr(bn, "activation"):  # fastres BatchNormAct2d
         out = bn(y, identity)
         return out if bn.activation == "relu" else torch.relu(out)

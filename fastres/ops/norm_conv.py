@@ -6,7 +6,7 @@ Math (one op, ``fastres::norm_conv_fwd``):
 
     a    = relu(x·scale[c] + shift[c])  if scale/shift are given (rounded to x's dtype), else x
     y    = conv2d(a, weight, stride, padding, dilation, groups)      zero padding of a, not of x
-    mean = mean(y) over (N, P, Q),  var = biased variance, both fp32 of the stored y  (collect_stats)
+    mean = mean(y) over (N, P, Q),  var = biased variance: fp32, of the stored y   (collect_stats)
 
 For a chain conv_a → BN_a → ReLU → conv_b, x is conv_a's raw output y_a and
 (scale, shift) = (w_a·invstd_a, b_a − mean_a·w_a·invstd_a) come from ``bn_fold`` — ordinary
@@ -17,7 +17,7 @@ differentiable torch math on the per-channel statistics — so autograd composes
         da     = conv2d_input(g, weight)                      dgrad
         da'    = da · [not round(x·scale+shift) ≤ 0]          ReLU mask recomputed from raw x
         dx     = scale·da',  dscale = Σda'·x,  dshift = Σda'  (dgrad epilogue, per channel)
-        dweight = conv2d_weight(act(x), g)                    wgrad, act(x) recomputed in the prologue
+        dweight = conv2d_weight(act(x), g)                    wgrad; act(x) recomputed on load
 
 and the dmean/dvar of conv_a's statistics (which flow back from scale/shift through bn_fold) are
 folded into conv_a's own backward as above. Only raw conv outputs (x, y) and per-channel fp32

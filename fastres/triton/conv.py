@@ -1,23 +1,26 @@
-"""Normalized convolution: implicit-GEMM conv2d in Triton for NHWC activations and KRSC weights, with
-BatchNorm statistics in the forward epilogue and BN-apply + ReLU in the operand prologue.
+"""Normalized convolution: implicit-GEMM conv2d in Triton for NHWC activations and KRSC weights,
+with BatchNorm statistics in the forward epilogue and BN-apply + ReLU in the operand prologue.
 
 Layouts (all dense): activations ``[N, H, W, C]`` (a channels_last tensor's memory), weights
-``[K, R, S, C]`` (a channels_last ``[K, C, R, S]`` weight's memory). fp16 / bf16 operands with fp32
-accumulation; fp32 operands use TF32 when ``torch.backends.cudnn.allow_tf32`` (as eager's cuDNN conv).
+``[K, R, S, C]`` (a channels_last ``[K, C, R, S]`` weight's memory). fp16 / bf16 operands with
+fp32 accumulation; fp32 operands use TF32 when ``torch.backends.cudnn.allow_tf32`` (as eager's
+cuDNN conv does).
 
 Kernels (one launcher each):
 
     conv_fwd    y[n,p,q,k] = Σ_{r,s,c} act(x)[n, p·σ−π+r·δ, q·σ−π+s·δ, c] · w[k,r,s,c]
-                PROLOGUE: act(x) = relu(x·scale[c] + shift[c]) while loading, and padding/out-of-range
-                          positions are 0 AFTER the transform (they are the zero padding of act(x)).
+                PROLOGUE: act(x) = relu(x·scale[c] + shift[c]) while loading; padding and
+                          out-of-range positions are 0 AFTER the transform (the zero padding of
+                          act(x)).
                 EPILOGUE: + bias[k] [+ residual] [relu] (eval: conv with the folded BN).
                 STATS:    per-output-channel (mean, M2) of each M-tile of the stored (rounded) y,
                           merged by ``merge_tile_stats`` in fixed order (Chan) — deterministic.
     conv_dgrad  dx[n,h,w,c] = Σ_{r,s,k} dy[n,p,q,k] · w[k,r,s,c] over taps with h = p·σ−π+r·δ;
-                PROLOGUE (the BN-act backward of the layer that produced x): the ReLU mask recomputed
-                from the saved raw x (pass unless round(x·scale+shift) ≤ 0: PyTorch's threshold rule),
-                da' = da·mask, the stored gradient is scale·da' (the gradient wrt x through the
-                affine map), and per-channel tile partial sums Σda', Σda'·x (two-stage, fixed order).
+                PROLOGUE (the BN-act backward of the layer that produced x): the ReLU mask
+                recomputed from the saved raw x (pass unless round(x·scale+shift) ≤ 0: PyTorch's
+                threshold rule), da' = da·mask, the stored gradient is scale·da' (the gradient wrt
+                x through the affine map), and per-channel tile partial sums Σda', Σda'·x
+                (two-stage, fixed order).
     conv_wgrad  dw[k,r,s,c] = Σ_{n,p,q} dy[n,p,q,k] · act(x)[n,h,w,c]; the PROLOGUE recomputes
                 act(x) = relu(x·scale + shift) from the saved raw x. Split-K partials are summed in
                 fixed order (no atomics).
@@ -52,7 +55,8 @@ def conv_configs(kind: str) -> list:
                               num_stages=1)]
     if kind == "wgrad":
         # M = output channels, N = input channels (per tap), K = pixels (long reduction).
-        shapes = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)]
+        shapes = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+                  (64, 64, 64, 4, 4)]
     else:
         shapes = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 32, 4, 4),
                   (64, 128, 32, 4, 4), (64, 64, 64, 4, 3)]
@@ -181,7 +185,8 @@ def conv_fwd(x, w, scale, shift, stride, padding, dilation, collect_stats, bias=
     tile_mean = torch.empty((tiles, K), dtype=torch.float32, device=x.device)
     tile_m2 = torch.empty_like(tile_mean)
     plain = R == 1 and S == 1 and (sh, sw, ph, pw) == (1, 1, 0, 0)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),  # noqa: E731
+                         triton.cdiv(K, meta["BLOCK_N"]))
     _conv_fwd_kernel[grid](
         x, w, y, scale if has_prologue else x, shift if has_prologue else x, tile_mean, tile_m2,
         x if bias is None else bias, x if residual is None else residual,
@@ -313,7 +318,8 @@ def conv_dgrad(dy, w, input_hw, stride, padding, dilation, x=None, scale=None, s
     tile_sum = torch.empty((tiles, C), dtype=torch.float32, device=dy.device)
     tile_sum_x = torch.empty_like(tile_sum)
     plain = R == 1 and S == 1 and (sh, sw, ph, pw) == (1, 1, 0, 0)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),  # noqa: E731
+                         triton.cdiv(C, meta["BLOCK_N"]))
     y, y_mean, alpha, beta = dy_stats if dy_stats is not None else (dy, dy, dy, dy)
     _conv_dgrad_kernel[grid](
         dy, w, dx, x if has_prologue else dy, scale if has_prologue else dy,
