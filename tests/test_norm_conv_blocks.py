@@ -224,3 +224,37 @@ def test_block_under_autocast(dtype, sizes):
             assert torch.equal(fused[name], eager[name]), name
         else:
             helpers.assert_rule(fused[name], eager[name], ref[name], name)
+
+
+def saved_activation_bytes(fn, params):
+    """Bytes of the distinct non-parameter storages autograd saves for backward while running fn."""
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in param_ptrs:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_saves_only_raw_conv_outputs():
+    # Identity Bottleneck: eager keeps x, y1, relu(bn1), y2, relu(bn2), y3 and the output (for the
+    # last ReLU): 4+1+1+1+1+4+4 = 16 units; the normconv path keeps x, y1, y2, y3 (identity is x):
+    # 4+1+1+4 = 10 units = 0.625×, plus per-channel fp32 vectors.
+    torch.manual_seed(0)
+    eager = TVBottleneck(64, 16).to(DEV).to(memory_format=torch.channels_last)
+    block = fastres.Bottleneck(64, 16).to(DEV).to(memory_format=torch.channels_last)
+    block.load_state_dict(eager.state_dict())
+    x = torch.randn(2, 64, 8, 8, device=DEV).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    params = list(eager.parameters()) + list(block.parameters())
+    with fastres.use_backend("torch"):
+        eager_bytes = saved_activation_bytes(lambda: eager(x), params)
+    fused_bytes = saved_activation_bytes(lambda: block(x), params)
+    assert eager_bytes >= 16 * 2 * 16 * 8 * 8 * 4
+    assert fused_bytes <= 0.64 * eager_bytes, (fused_bytes, eager_bytes)
