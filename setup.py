@@ -106,7 +106,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy"],
     extras_require={"test": ["pytest", "pytest-benchmark", "torchvision"],
-                    "plot": ["matplotlib"], "bench": ["tabulate", "matplotlib", "tqdm"]},
+                    "plot": ["matplotlib", "tabulate"], "bench": ["tabulate", "matplotlib", "tqdm"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,0 +1,1 @@
+"""Runnable demonstrations: ``python -m fastres.demo.vanishing_gradients --help``."""
