@@ -42,14 +42,56 @@ def _triton_status() -> tuple[bool, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_ext_status() -> tuple[bool, str]:
+def _load_extension():
+    """(module or None, why): imports fastres._C once, and logs once when it is missing or broken."""
+    from fastres import _toolkit
+
     try:
-        importlib.import_module("fastres._C")
-    except Exception as e:
-        return False, f"fastres._C did not load ({type(e).__name__}: {e})"
+        module = importlib.import_module("fastres._C")
+    except ModuleNotFoundError as e:
+        if e.name != "fastres._C":
+            why = f"fastres._C did not load ({type(e).__name__}: {e})"
+            log.warning("fastres: %s; the triton and torch backends still work", why)
+            return None, why
+        why = _toolkit.build_status()
+        if why is None:
+            home = _toolkit.find_cuda_home()
+            why = "not built" + (
+                f" (a CUDA toolkit is at {home}: reinstall with `pip install --no-build-isolation -e .`)"
+                if home else " (no CUDA toolkit was found)")
+        why = f"fastres._C is {why}" if why.startswith("not built") else why
+        log.info("fastres: %s; the triton and torch backends still work", why)
+        return None, why
+    except Exception as e:  # a broken build (undefined symbol, ABI mismatch, ...): never fail import
+        why = f"fastres._C did not load ({type(e).__name__}: {e})"
+        log.warning("fastres: %s; the triton and torch backends still work", why)
+        return None, why
+    return module, f"fastres._C loaded ({os.path.basename(module.__file__ or '_C')})"
+
+
+def load_extension(required: bool = False):
+    """The ``fastres._C`` module (its import registers torch.ops.fastres.bn_*_cuda), or None.
+    With ``required``, raise a RuntimeError saying why it is unavailable instead of returning None."""
+    module, why = _load_extension()
+    if module is None and required:
+        raise RuntimeError(f"fastres backend 'cuda' is unavailable: {why}")
+    return module
+
+
+def extension_status() -> tuple[bool, str]:
+    """(loaded, why) for the C++/CUDA extension fastres._C, whatever the device."""
+    module, why = _load_extension()
+    return module is not None, why
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_ext_status() -> tuple[bool, str]:
+    module, why = _load_extension()
+    if module is None:
+        return False, why
     if not torch.cuda.is_available():
-        return False, "fastres._C loaded, but no CUDA device is visible"
-    return True, "fastres._C loaded"
+        return False, f"{why}, but no CUDA device is visible"
+    return True, why
 
 
 def backend_status() -> dict[str, tuple[bool, str]]:
@@ -97,10 +139,30 @@ class use_backend:
         _backend = self.prev
 
 
-# "auto" on CUDA: which backend runs each op, per shape. Measured by the benchmark suite; until a GPU
-# measurement exists (none yet: no session has had a GPU) every op goes to Triton.
+# "auto" on CUDA: which backend runs each op ("stats", "apply", "backward_reduce", "backward_dx") for
+# a given (N, C, H, W). An op maps to a backend name, or to a list of (rule, backend) pairs where the
+# first matching rule wins; a rule bounds "C" (channels) and/or "NHW" (elements per channel) with
+# inclusive (lo, hi) pairs, hi None for no bound. No entry or no match: AUTO_DEFAULT. The entries are
+# copied from the benchmark suite's measurements on AUTO_TABLE_DEVICE. No GPU has measured anything
+# yet (no session has had one), so every op stays on Triton and the table is empty.
 AUTO_TABLE_DEVICE = "unmeasured"
-AUTO_TABLE: dict[str, str] = {}
+AUTO_DEFAULT = "triton"
+AUTO_TABLE: dict[str, object] = {}
+
+
+def auto_choice(op: str, shape=None) -> str:
+    """The backend AUTO_TABLE picks for ``op`` on an (N, C, H, W) ``shape`` (before availability)."""
+    entry = AUTO_TABLE.get(op, AUTO_DEFAULT)
+    if isinstance(entry, str):
+        return entry
+    if shape is None or len(shape) != 4:
+        return AUTO_DEFAULT
+    n, c, h, w = shape
+    dims = {"C": c, "NHW": n * h * w}
+    for rule, backend in entry:
+        if all(lo <= dims[k] and (hi is None or dims[k] <= hi) for k, (lo, hi) in rule.items()):
+            return backend
+    return AUTO_DEFAULT
 
 
 def resolve(device: torch.device, op: str = "", shape=None) -> str:
@@ -108,7 +170,7 @@ def resolve(device: torch.device, op: str = "", shape=None) -> str:
     name = _backend
     if name == "auto":
         if device.type == "cuda":
-            choice = AUTO_TABLE.get(op, "triton")
+            choice = auto_choice(op, shape)
             if choice == "cuda" and not backend_status()["cuda"][0]:
                 choice = "triton"
             return choice

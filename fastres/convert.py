@@ -24,7 +24,7 @@ from typing import Optional
 
 from torch import nn
 
-from fastres.nn.batch_norm_act import BatchNormAct2d
+from fastres.nn.batch_norm_act import BatchNormAct2d, check_process_group
 from fastres.nn.resnet_blocks import (BasicBlock, Bottleneck, TimmBasicBlock, TimmBottleneck,
                                       adopt)
 
@@ -249,6 +249,20 @@ class _Converter:
         self.convert_pairs(module, name)
         return module
 
+    def synchronise(self, module, name, group):
+        """sync_bn: every BatchNormAct2d gets ``group``; every plain BatchNorm2d left unfused becomes
+        a BatchNormAct2d(activation=None) with it, so that no BN of the model stays local."""
+        for child_name, child in list(module._modules.items()):
+            qualified = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, BatchNormAct2d):
+                child.process_group = group
+            elif isinstance(child, nn.BatchNorm2d) and _bn_problem(child) is None:
+                new = self.fuse_bn(child, None, qualified)
+                new.process_group = group
+                module._modules[child_name] = new
+            elif child is not None:
+                self.synchronise(child, qualified, group)
+
     def finish(self, model):
         for name, module in model.named_modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) \
@@ -258,9 +272,16 @@ class _Converter:
                 self.report.left.append((name, type(module).__name__, why))
 
 
-def convert(model: nn.Module, inplace: bool = False, return_report: bool = False):
+def convert(model: nn.Module, inplace: bool = False, return_report: bool = False,
+            sync_bn: bool = False, process_group=None):
     """Return ``model`` with torchvision / timm ResNet blocks and BN → ReLU pairs swapped for fused
     fastres modules sharing the same parameters and buffers (state_dict unchanged, key for key).
+
+    sync_bn=True synchronises the training-mode statistics of every BatchNormAct2d over
+    ``process_group`` (default ``"world"``: the default group at call time), as
+    ``nn.SyncBatchNorm.convert_sync_batchnorm``; plain BatchNorm2d that no fused pattern took become
+    ``BatchNormAct2d(activation=None)`` so they are synchronised too (BNs with hooks and BN
+    subclasses are left, and reported).
 
     inplace=False converts a deep copy and leaves ``model`` untouched. With ``return_report=True``
     returns ``(model, ConversionReport)``. What was converted and left is logged to the "fastres"
@@ -268,10 +289,20 @@ def convert(model: nn.Module, inplace: bool = False, return_report: bool = False
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
+    if process_group is not None and not sync_bn:
+        raise ValueError("process_group is only used with sync_bn=True")
+    group = check_process_group("world" if process_group is None else process_group)
     if not inplace:
         model = copy.deepcopy(model)
     converter = _Converter()
     model = converter.visit(model, "")
+    if sync_bn:
+        if isinstance(model, nn.BatchNorm2d) and not isinstance(model, BatchNormAct2d) \
+                and _bn_problem(model) is None:
+            model = converter.fuse_bn(model, None, "")
+        if isinstance(model, BatchNormAct2d):
+            model.process_group = group
+        converter.synchronise(model, "", group)
     converter.finish(model)
     report = converter.report
     log.info("fastres.convert: converted %d modules, left %d", len(report.converted),

@@ -9,8 +9,8 @@ from torch import Tensor
 from fastres.ops.batch_norm_act import batch_norm_act_op, channel_count
 from fastres.ops.norm_conv import conv_bias_act as conv_bias_act_op, norm_conv_fwd
 
-__all__ = ["batch_norm_act", "ACTIVATIONS", "check_batch_norm_act_args", "update_running_stats",
-           "norm_conv", "bn_fold", "bn_fold_train", "conv_bias_act"]
+__all__ = ["batch_norm_act", "sync_batch_norm_act", "ACTIVATIONS", "check_batch_norm_act_args",
+           "update_running_stats", "norm_conv", "bn_fold", "bn_fold_train", "conv_bias_act"]
 
 ACTIVATIONS = ("relu", None)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -26,8 +26,10 @@ def _check_activation(activation) -> bool:
     return activation == "relu"
 
 
-def check_batch_norm_act_args(input, running_mean, running_var, weight, bias, training, residual):
-    """Raise a clear exception for anything the fused op cannot treat exactly as eager would."""
+def check_batch_norm_act_args(input, running_mean, running_var, weight, bias, training, residual,
+                              world_size=1):
+    """Raise a clear exception for anything the fused op cannot treat exactly as eager would.
+    world_size: ranks whose batches are normalised together (SyncBN; one value per rank is fine)."""
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
     if input.dim() != 4:
@@ -69,7 +71,7 @@ def check_batch_norm_act_args(input, running_mean, running_var, weight, bias, tr
             raise ValueError(f"residual is on {residual.device} but input is on {input.device}")
     if training:
         count = channel_count(input)
-        if count == 1:
+        if count == 1 and world_size < 2:
             raise ValueError("Expected more than 1 value per channel when training, got input "
                              f"size {input.shape}")
 
@@ -111,6 +113,49 @@ def batch_norm_act(
                                      use_batch_stats, float(eps), relu)
     count = channel_count(input)
     if use_batch_stats and running_mean is not None and count > 1:
+        update_running_stats(running_mean, running_var, mean, var, count, float(momentum))
+    return y
+
+
+def sync_batch_norm_act(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: Optional[Tensor] = None,
+    activation: Optional[str] = "relu",
+    process_group=None,
+) -> Tensor:
+    """Training-mode :func:`batch_norm_act` whose statistics are those of the batch concatenated over
+    every rank of ``process_group`` (default: the world group), as ``nn.SyncBatchNorm``: one
+    all_gather of the per-rank (count, mean, M2) in the forward, one all_reduce of (Σdy', Σdy'·x̂)
+    in the backward, no host synchronisation; per-rank batch sizes may differ (and be empty). The
+    running statistics get the same update on every rank (unbiased with the global count).
+
+    Every rank of the group must call it, in the same order. Falls back to the local
+    :func:`batch_norm_act` when torch.distributed is not initialised (and no group is given) or the
+    group has a single rank. For evaluation use :func:`batch_norm_act` with ``training=False``.
+    """
+    from fastres.ops import sync_batch_norm_act as sync_ops
+
+    relu = _check_activation(activation)
+    if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
+        raise TypeError(f"momentum must be a float (as for F.batch_norm), got {momentum!r}; "
+                        "BatchNormAct2d handles momentum=None (cumulative moving average)")
+    distributed = torch.distributed.is_available() and (
+        process_group is not None or torch.distributed.is_initialized())
+    world_size = torch.distributed.get_world_size(process_group) if distributed else 1
+    if world_size < 2:
+        return batch_norm_act(input, running_mean, running_var, weight, bias, True, momentum, eps,
+                              residual, activation)
+    check_batch_norm_act_args(input, running_mean, running_var, weight, bias, True, residual,
+                              world_size=world_size)
+    y, mean, var, count = sync_ops.sync_batch_norm_act(input, weight, bias, residual, float(eps),
+                                                      relu, process_group)
+    if running_mean is not None:
         update_running_stats(running_mean, running_var, mean, var, count, float(momentum))
     return y
 

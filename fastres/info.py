@@ -6,7 +6,8 @@ import platform
 import torch
 
 import fastres
-from fastres.backend import backend_status, get_backend
+from fastres.backend import (AUTO_TABLE_DEVICE, backend_status, extension_status, get_backend,
+                             load_extension)
 
 
 def info() -> str:
@@ -26,9 +27,21 @@ def info() -> str:
     else:
         lines.append("device: no CUDA device visible (CPU only)")
     lines.append(f"selected backend: {get_backend()}")
+    lines.append(_extension_line())
+    lines.append(f"auto table measured on: {AUTO_TABLE_DEVICE}")
     for name, (ok, why) in backend_status().items():
         lines.append(f"  {name:7s} {'available' if ok else 'unavailable'}: {why}")
     return "\n".join(lines)
+
+
+def _extension_line() -> str:
+    """Whether the C++/CUDA extension fastres._C loaded, and why not."""
+    module = load_extension()
+    if module is None:
+        return f"fastres._C: not loaded: {extension_status()[1]}"
+    ops = sorted(n for n in ("bn_stats_cuda", "bn_apply_cuda", "bn_backward_reduce_cuda",
+                             "bn_backward_dx_cuda") if hasattr(torch.ops.fastres, n))
+    return f"fastres._C: loaded from {module.__file__} (ops: {', '.join(ops)})"
 
 
 if __name__ == "__main__":

@@ -22,6 +22,17 @@ def normalize_activation(activation) -> Optional[str]:
     return activation
 
 
+def check_process_group(process_group):
+    """None, "world" or a torch.distributed ProcessGroup; raises TypeError naming anything else."""
+    if process_group is None or (isinstance(process_group, str) and process_group == "world"):
+        return process_group
+    if torch.distributed.is_available() and isinstance(process_group,
+                                                       torch.distributed.ProcessGroup):
+        return process_group
+    raise TypeError(f"process_group must be None, 'world' or a torch.distributed ProcessGroup, "
+                    f"got {process_group!r}")
+
+
 class BatchNormAct2d(nn.BatchNorm2d):
     """``act(BatchNorm2d(x) + residual)`` in fused kernels.
 
@@ -31,15 +42,23 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     ``forward(x, residual=None)``: ``residual`` (same shape as ``x``) is added after the
     normalisation and before the activation, as in a ResNet block's output.
+
+    ``process_group``: None (default) normalises each process's batch alone. A
+    ``torch.distributed`` process group, or ``"world"`` for the default group, makes training-mode
+    statistics those of the batch over all its ranks, as ``nn.SyncBatchNorm`` (see
+    ``fastres.functional.sync_batch_norm_act``: two small collectives per layer, no host sync); it
+    falls back to local statistics while torch.distributed is not initialised ("world") or the group
+    has one rank.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
                  activation: Optional[str] = "relu", device=None, dtype=None, *,
-                 bias: bool = True) -> None:
+                 bias: bool = True, process_group=None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype, bias=bias)
         self.activation = normalize_activation(activation)
+        self.process_group = check_process_group(process_group)
 
     @classmethod
     def from_batch_norm(cls, bn: nn.BatchNorm2d, activation: Optional[str] = "relu"):
@@ -54,7 +73,10 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return new
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", activation={self.activation!r}"
+        sync = "" if self.process_group is None else (
+            ", process_group='world'" if isinstance(self.process_group, str)
+            else ", process_group=<group>")
+        return super().extra_repr() + f", activation={self.activation!r}" + sync
 
     def _check_input_dim(self, input: Tensor) -> None:
         if not isinstance(input, Tensor):
@@ -93,6 +115,11 @@ class BatchNormAct2d(nn.BatchNorm2d):
             bn_training, factor)
 
     def _batch_norm_act(self, input, residual, running_mean, running_var, training, momentum):
+        if training and self.training and self.process_group is not None:
+            group = None if isinstance(self.process_group, str) else self.process_group
+            return F.sync_batch_norm_act(input, running_mean, running_var, self.weight, self.bias,
+                                         momentum, self.eps, residual=residual,
+                                         activation=self.activation, process_group=group)
         return F.batch_norm_act(input, running_mean, running_var, self.weight, self.bias,
                                 training, momentum, self.eps, residual=residual,
                                 activation=self.activation)

@@ -1,0 +1,966 @@
+// Fused BatchNorm (+ residual) (+ ReLU): the hand-written CUDA kernels of the "cuda" backend.
+//
+// Four kernel-level ops, the contract of fastres/ops/batch_norm_act.py (TorchBackend is the reference):
+//
+//   bn_stats_cuda(x)                                   -> (mean, m2)      fp32 [C], m2 = sum (x - mean)^2
+//   bn_apply_cuda(x, mean, scale, shift, res?, relu)   -> y = act((x - mean) * scale + shift [+ res])
+//   bn_backward_reduce_cuda(dy, x, mean, scale, shift, res?, relu) -> (sum dy', sum dy' * (x - mean))
+//   bn_backward_dx_cuda(dy, x, mean, scale, shift, res?, relu, a, k, c, need_dres)
+//       -> (dx = a * dy' + k * (x - mean) + c,  dres = dy' or an empty tensor)
+//       k == 0 (eval mode) drops the k term exactly, so dx stays finite for Inf/NaN x as in eager.
+//
+// dy' is dy where NOT (the pre-activation rounded to x's dtype <= 0), else 0: PyTorch's
+// threshold_backward rule, which lets NaN through. Arithmetic is fp32 for fp32/fp16/bf16 input.
+//
+// Layouts. A channels_last tensor is a [rows = N*H*W, C] matrix: a (TX, TY) thread block puts
+// threadIdx.x across channels (VEC channels per thread) and threadIdx.y across rows, so every thread
+// keeps its channels' parameters and partial sums in registers. A contiguous NCHW tensor is N*C
+// planes of H*W ("planar" kernels): reductions give each block one channel and a range of images,
+// elementwise kernels give each block one plane (or a chunk of it). H*W == 1 takes the channels_last
+// path (the memory order is the same). Outputs take x's layout.
+//
+// Vectorisation: VEC = 16 / sizeof(T) elements (16-byte loads and stores) when the contiguous
+// dimension (C for channels_last, H*W for NCHW) is a multiple of VEC and every pointer is 16-byte
+// aligned; a scalar path (VEC = 1) otherwise.
+//
+// Determinism: reductions are two-stage. Each block merges its threads in a fixed tree order and
+// writes one partial per channel to a [splits, C] buffer; a finalize kernel merges the partials in a
+// fixed order (strided per thread, then a fixed tree). The split count depends only on the shape
+// and the device's SM count. No atomics.
+// Statistics use Welford per thread and Chan's merge across threads and blocks (never sum x^2).
+//
+// Every kernel runs on the current stream and every launch is checked. Offsets are int64.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#ifndef FASTRES_EMULATE
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#define FASTRES_DISPATCH_KEY CUDA
+#define FASTRES_OPS_NAMESPACE fastres
+#else
+// Test-only: csrc/emulator/ compiles this file as plain C++ that runs each thread block as CPU fibers
+// (see csrc/emulator/cuda_emulation.h), registered for CPU tensors as torch.ops.fastres_emu.*.
+#define FASTRES_DISPATCH_KEY CPU
+#define FASTRES_OPS_NAMESPACE fastres_emu
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <optional>
+#include <tuple>
+
+namespace fastres {
+namespace {
+
+constexpr int kThreads = 256;  // threads per block, every kernel
+constexpr int kUnroll = 4;     // rows in flight per thread in the channels_last loops
+constexpr int kMaxGridY = 65535;
+
+// ------------------------------------------------------------------------------------------------
+// Device helpers.
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, float (&out)[VEC]) {
+  const Pack<T, VEC> pack = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) out[v] = static_cast<float>(pack.v[v]);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_vec(T* __restrict__ p, const float (&in)[VEC]) {
+  Pack<T, VEC> pack;
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) pack.v[v] = static_cast<T>(in[v]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = pack;
+}
+
+// The ReLU gradient passes unless the output, rounded to T, is <= 0 (NaN passes).
+template <typename T>
+__device__ __forceinline__ bool relu_passes(float pre_activation) {
+  return !(static_cast<float>(static_cast<T>(pre_activation)) <= 0.f);
+}
+
+// Chan's merge of Welford states (mean, m2, count) b into a.
+__device__ __forceinline__ void chan_merge(float& mean, float& m2, float& n, float mean_b, float m2_b,
+                                           float n_b) {
+  if (n_b == 0.f) return;
+  if (n == 0.f) {
+    mean = mean_b, m2 = m2_b, n = n_b;
+    return;
+  }
+  const float n_ab = n + n_b;
+  const float w_b = n_b * __frcp_rn(n_ab);
+  const float delta = mean_b - mean;
+  mean = fmaf(delta, w_b, mean);
+  m2 = m2 + m2_b + delta * delta * n * w_b;
+  n = n_ab;
+}
+
+// Merges the Welford states of a (blockDim.x, blockDim.y) block over threadIdx.y, in a fixed tree
+// order (blockDim.y is a power of two). Thread (x, 0) ends with the state of column x.
+template <int VEC>
+__device__ void block_merge_welford(float (&mean)[VEC], float (&m2)[VEC], float& n) {
+  __shared__ float s_mean[kThreads * VEC];
+  __shared__ float s_m2[kThreads * VEC];
+  __shared__ float s_n[kThreads];
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  for (int stride = blockDim.y / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.y >= stride && threadIdx.y < 2 * stride) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) s_mean[tid * VEC + v] = mean[v], s_m2[tid * VEC + v] = m2[v];
+      s_n[tid] = n;
+    }
+    __syncthreads();
+    if (threadIdx.y < stride) {
+      const int other = tid + stride * blockDim.x;
+      const float n_b = s_n[other];
+      const float n_a = n;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        float n_v = n_a;  // the count is the same for the VEC channels of a thread
+        chan_merge(mean[v], m2[v], n_v, s_mean[other * VEC + v], s_m2[other * VEC + v], n_b);
+      }
+      n = n_a + n_b;
+    }
+    __syncthreads();
+  }
+}
+
+// Sums a (blockDim.x, blockDim.y) block over threadIdx.y in a fixed tree order.
+template <int VEC>
+__device__ void block_sum_columns(float (&a)[VEC], float (&b)[VEC]) {
+  __shared__ float s_a[kThreads * VEC];
+  __shared__ float s_b[kThreads * VEC];
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  for (int stride = blockDim.y / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.y >= stride && threadIdx.y < 2 * stride) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) s_a[tid * VEC + v] = a[v], s_b[tid * VEC + v] = b[v];
+    }
+    __syncthreads();
+    if (threadIdx.y < stride) {
+      const int other = tid + stride * blockDim.x;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) a[v] += s_a[other * VEC + v], b[v] += s_b[other * VEC + v];
+    }
+    __syncthreads();
+  }
+}
+
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// ------------------------------------------------------------------------------------------------
+// Statistics: per-block Welford partials, then a fixed-order Chan merge of the partials.
+
+// channels_last: grid (channel tiles, row splits); block (TX, TY); each block covers rows
+// [blockIdx.y * rows_per_block, +rows_per_block).
+template <typename T, int VEC>
+__global__ void stats_channels_last_kernel(const T* __restrict__ x, int64_t rows, int64_t C,
+                                           int64_t rows_per_block, float* __restrict__ part_mean,
+                                           float* __restrict__ part_m2) {
+  const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  const int64_t row_begin = int64_t(blockIdx.y) * rows_per_block;
+  const int64_t row_end = min64(rows, row_begin + rows_per_block);
+  const int64_t step = blockDim.y;
+  float mean[VEC], m2[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) mean[v] = 0.f, m2[v] = 0.f;
+  float n = 0.f;
+  if (c0 < C) {
+    for (int64_t r = row_begin + threadIdx.y; r < row_end; r += kUnroll * step) {
+      float vals[kUnroll][VEC];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (r + u * step < row_end) load_vec<T, VEC>(x + (r + u * step) * C + c0, vals[u]);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (r + u * step < row_end) {
+          n += 1.f;
+          const float inv_n = __frcp_rn(n);
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) {
+            const float delta = vals[u][v] - mean[v];
+            mean[v] = fmaf(delta, inv_n, mean[v]);
+            m2[v] = fmaf(delta, vals[u][v] - mean[v], m2[v]);
+          }
+        }
+      }
+    }
+  }
+  block_merge_welford<VEC>(mean, m2, n);
+  if (threadIdx.y == 0 && c0 < C) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      part_mean[int64_t(blockIdx.y) * C + c0 + v] = mean[v];
+      part_m2[int64_t(blockIdx.y) * C + c0 + v] = m2[v];
+    }
+  }
+}
+
+// NCHW: grid (C, image splits); block (1, B): threadIdx.y walks the H*W plane of each image in
+// [blockIdx.y * images_per_block, +images_per_block) of channel blockIdx.x.
+template <typename T, int VEC>
+__global__ void stats_planar_kernel(const T* __restrict__ x, int64_t N, int64_t C, int64_t HW,
+                                    int64_t images_per_block, float* __restrict__ part_mean,
+                                    float* __restrict__ part_m2) {
+  const int64_t c = blockIdx.x;
+  const int64_t n_begin = int64_t(blockIdx.y) * images_per_block;
+  const int64_t n_end = min64(N, n_begin + images_per_block);
+  float mean[1] = {0.f}, m2[1] = {0.f}, n = 0.f;
+  for (int64_t img = n_begin; img < n_end; ++img) {
+    const T* plane = x + (img * C + c) * HW;
+    for (int64_t i = threadIdx.y * VEC; i < HW; i += int64_t(blockDim.y) * VEC) {
+      float vals[VEC];
+      load_vec<T, VEC>(plane + i, vals);
+      // Two-pass over the vector's VEC values, then one Chan merge (one reciprocal per vector).
+      float sum = 0.f;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) sum += vals[v];
+      const float vec_mean = sum * (1.f / VEC);
+      float vec_m2 = 0.f;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) vec_m2 = fmaf(vals[v] - vec_mean, vals[v] - vec_mean, vec_m2);
+      chan_merge(mean[0], m2[0], n, vec_mean, vec_m2, float(VEC));
+    }
+  }
+  block_merge_welford<1>(mean, m2, n);
+  if (threadIdx.y == 0) {
+    part_mean[int64_t(blockIdx.y) * C + c] = mean[0];
+    part_m2[int64_t(blockIdx.y) * C + c] = m2[0];
+  }
+}
+
+// Merges the [splits, C] partials: a block takes blockDim.x channels; thread y merges the splits
+// s = y, y + blockDim.y, ... in order, then the block merges its threads in a fixed tree order (a
+// GPU-wide reduction over thousands of splits would be latency-bound with one thread per channel).
+// Split s holds min(units_per_split, total_units - s * units_per_split) * unit_size elements.
+// No elements: mean = m2 = NaN (as torch.var_mean of an empty tensor).
+__global__ void stats_finalize_kernel(const float* __restrict__ part_mean,
+                                      const float* __restrict__ part_m2, int64_t splits, int64_t C,
+                                      int64_t total_units, int64_t units_per_split,
+                                      int64_t unit_size, float* __restrict__ mean_out,
+                                      float* __restrict__ m2_out) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  float mean[1] = {0.f}, m2[1] = {0.f}, n = 0.f;
+  if (c < C) {
+#pragma unroll 4
+    for (int64_t s = threadIdx.y; s < splits; s += blockDim.y) {
+      const int64_t count = min64(units_per_split, total_units - s * units_per_split) * unit_size;
+      chan_merge(mean[0], m2[0], n, part_mean[s * C + c], part_m2[s * C + c], float(count));
+    }
+  }
+  block_merge_welford<1>(mean, m2, n);
+  if (threadIdx.y == 0 && c < C) {
+    if (n == 0.f) mean[0] = m2[0] = __int_as_float(0x7fc00000);
+    mean_out[c] = mean[0];
+    m2_out[c] = m2[0];
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward reduction: per-block (sum dy', sum dy' * (x - mean)), then a fixed-order sum.
+
+template <typename T, int VEC>
+__global__ void backward_reduce_channels_last_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
+    const float* __restrict__ mean, const float* __restrict__ scale,
+    const float* __restrict__ shift, bool relu, int64_t rows, int64_t C, int64_t rows_per_block,
+    float* __restrict__ part_sum_dy, float* __restrict__ part_sum_dy_xc) {
+  const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  const int64_t row_begin = int64_t(blockIdx.y) * rows_per_block;
+  const int64_t row_end = min64(rows, row_begin + rows_per_block);
+  const int64_t step = blockDim.y;
+  float sum_dy[VEC], sum_dy_xc[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) sum_dy[v] = 0.f, sum_dy_xc[v] = 0.f;
+  if (c0 < C) {
+    float m[VEC], sc[VEC], sh[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v)
+      m[v] = mean[c0 + v], sc[v] = relu ? scale[c0 + v] : 0.f, sh[v] = relu ? shift[c0 + v] : 0.f;
+    const bool load_residual = relu && residual != nullptr;
+    for (int64_t r = row_begin + threadIdx.y; r < row_end; r += kUnroll * step) {
+      float g[kUnroll][VEC], xv[kUnroll][VEC], rv[kUnroll][VEC];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t off = (r + u * step) * C + c0;
+        if (r + u * step < row_end) {
+          load_vec<T, VEC>(dy + off, g[u]);
+          load_vec<T, VEC>(x + off, xv[u]);
+          if (load_residual) load_vec<T, VEC>(residual + off, rv[u]);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (r + u * step < row_end) {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) {
+            const float xc = xv[u][v] - m[v];
+            float gv = g[u][v];
+            if (relu) {
+              float pre = fmaf(xc, sc[v], sh[v]);
+              if (load_residual) pre += rv[u][v];
+              if (!relu_passes<T>(pre)) gv = 0.f;
+            }
+            sum_dy[v] += gv;
+            sum_dy_xc[v] = fmaf(gv, xc, sum_dy_xc[v]);
+          }
+        }
+      }
+    }
+  }
+  block_sum_columns<VEC>(sum_dy, sum_dy_xc);
+  if (threadIdx.y == 0 && c0 < C) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      part_sum_dy[int64_t(blockIdx.y) * C + c0 + v] = sum_dy[v];
+      part_sum_dy_xc[int64_t(blockIdx.y) * C + c0 + v] = sum_dy_xc[v];
+    }
+  }
+}
+
+template <typename T, int VEC>
+__global__ void backward_reduce_planar_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
+    const float* __restrict__ mean, const float* __restrict__ scale,
+    const float* __restrict__ shift, bool relu, int64_t N, int64_t C, int64_t HW,
+    int64_t images_per_block, float* __restrict__ part_sum_dy,
+    float* __restrict__ part_sum_dy_xc) {
+  const int64_t c = blockIdx.x;
+  const int64_t n_begin = int64_t(blockIdx.y) * images_per_block;
+  const int64_t n_end = min64(N, n_begin + images_per_block);
+  const float m = mean[c], sc = relu ? scale[c] : 0.f, sh = relu ? shift[c] : 0.f;
+  const bool load_residual = relu && residual != nullptr;
+  float sum_dy[1] = {0.f}, sum_dy_xc[1] = {0.f};
+  for (int64_t img = n_begin; img < n_end; ++img) {
+    const int64_t base = (img * C + c) * HW;
+    for (int64_t i = threadIdx.y * VEC; i < HW; i += int64_t(blockDim.y) * VEC) {
+      float g[VEC], xv[VEC], rv[VEC];
+      load_vec<T, VEC>(dy + base + i, g);
+      load_vec<T, VEC>(x + base + i, xv);
+      if (load_residual) load_vec<T, VEC>(residual + base + i, rv);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        const float xc = xv[v] - m;
+        float gv = g[v];
+        if (relu) {
+          float pre = fmaf(xc, sc, sh);
+          if (load_residual) pre += rv[v];
+          if (!relu_passes<T>(pre)) gv = 0.f;
+        }
+        sum_dy[0] += gv;
+        sum_dy_xc[0] = fmaf(gv, xc, sum_dy_xc[0]);
+      }
+    }
+  }
+  block_sum_columns<1>(sum_dy, sum_dy_xc);
+  if (threadIdx.y == 0) {
+    part_sum_dy[int64_t(blockIdx.y) * C + c] = sum_dy[0];
+    part_sum_dy_xc[int64_t(blockIdx.y) * C + c] = sum_dy_xc[0];
+  }
+}
+
+// Sums the [splits, C] partials, blocked as stats_finalize_kernel.
+__global__ void sum_finalize_kernel(const float* __restrict__ part_a, const float* __restrict__ part_b,
+                                    int64_t splits, int64_t C, float* __restrict__ a_out,
+                                    float* __restrict__ b_out) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  float a[1] = {0.f}, b[1] = {0.f};
+  if (c < C) {
+#pragma unroll 4
+    for (int64_t s = threadIdx.y; s < splits; s += blockDim.y) {
+      a[0] += part_a[s * C + c];
+      b[0] += part_b[s * C + c];
+    }
+  }
+  block_sum_columns<1>(a, b);
+  if (threadIdx.y == 0 && c < C) {
+    a_out[c] = a[0];
+    b_out[c] = b[0];
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Elementwise: apply and dx. Per-channel parameters are held in registers per thread.
+
+// y = act((x - mean) * scale + shift [+ residual]); relu(NaN) stays NaN.
+__device__ __forceinline__ float apply_one(float x, float m, float sc, float sh, float r,
+                                           bool has_residual, bool relu) {
+  float y = fmaf(x - m, sc, sh);
+  if (has_residual) y += r;
+  if (relu && y < 0.f) y = 0.f;
+  return y;
+}
+
+// channels_last: grid (channel tiles, row blocks); block (TX, TY); grid-stride over rows.
+template <typename T, int VEC>
+__global__ void apply_channels_last_kernel(const T* __restrict__ x, const T* __restrict__ residual,
+                                           const float* __restrict__ mean,
+                                           const float* __restrict__ scale,
+                                           const float* __restrict__ shift, bool relu,
+                                           int64_t rows, int64_t C, T* __restrict__ y) {
+  const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  if (c0 >= C) return;
+  const bool has_residual = residual != nullptr;
+  float m[VEC], sc[VEC], sh[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) m[v] = mean[c0 + v], sc[v] = scale[c0 + v], sh[v] = shift[c0 + v];
+  const int64_t step = int64_t(gridDim.y) * blockDim.y;
+  for (int64_t r = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; r < rows; r += kUnroll * step) {
+    float xv[kUnroll][VEC], rv[kUnroll][VEC];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t off = (r + u * step) * C + c0;
+      if (r + u * step < rows) {
+        load_vec<T, VEC>(x + off, xv[u]);
+        if (has_residual) load_vec<T, VEC>(residual + off, rv[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (r + u * step < rows) {
+        float out[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v)
+          out[v] = apply_one(xv[u][v], m[v], sc[v], sh[v], has_residual ? rv[u][v] : 0.f,
+                             has_residual, relu);
+        store_vec<T, VEC>(y + (r + u * step) * C + c0, out);
+      }
+    }
+  }
+}
+
+// NCHW: grid (N * C planes, chunks of the plane); block (B).
+template <typename T, int VEC>
+__global__ void apply_planar_kernel(const T* __restrict__ x, const T* __restrict__ residual,
+                                    const float* __restrict__ mean, const float* __restrict__ scale,
+                                    const float* __restrict__ shift, bool relu, int64_t C,
+                                    int64_t HW, int64_t chunk, T* __restrict__ y) {
+  const int64_t plane = blockIdx.x;
+  const int64_t c = plane % C;
+  const float m = mean[c], sc = scale[c], sh = shift[c];
+  const bool has_residual = residual != nullptr;
+  const int64_t begin = int64_t(blockIdx.y) * chunk;
+  const int64_t end = min64(HW, begin + chunk);
+  for (int64_t i = begin + threadIdx.x * VEC; i < end; i += int64_t(blockDim.x) * VEC) {
+    const int64_t off = plane * HW + i;
+    float xv[VEC], rv[VEC], out[VEC];
+    load_vec<T, VEC>(x + off, xv);
+    if (has_residual) load_vec<T, VEC>(residual + off, rv);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v)
+      out[v] = apply_one(xv[v], m, sc, sh, has_residual ? rv[v] : 0.f, has_residual, relu);
+    store_vec<T, VEC>(y + off, out);
+  }
+}
+
+// dy' (the gradient through the ReLU) for one element.
+template <typename T>
+__device__ __forceinline__ float masked_grad(float g, float xc, float sc, float sh, float r,
+                                             bool has_residual, bool relu) {
+  if (relu) {
+    float pre = fmaf(xc, sc, sh);
+    if (has_residual) pre += r;
+    if (!relu_passes<T>(pre)) g = 0.f;
+  }
+  return g;
+}
+
+// k * (x - mean) + c of dx. k == 0 (eval mode) is an exact zero term: eager's eval dx = scale * dy'
+// stays finite where x is Inf or NaN, and so must ours (IEEE would give 0 * Inf = NaN).
+__device__ __forceinline__ float centered_term(float k, float xc, float c) {
+  return k != 0.f ? fmaf(k, xc, c) : c;
+}
+
+template <typename T, int VEC>
+__global__ void backward_dx_channels_last_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
+    const float* __restrict__ mean, const float* __restrict__ scale,
+    const float* __restrict__ shift, bool relu, const float* __restrict__ a_coef,
+    const float* __restrict__ k_coef, const float* __restrict__ c_coef, int64_t rows, int64_t C,
+    T* __restrict__ dx, T* __restrict__ dres) {
+  const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  if (c0 >= C) return;
+  const bool has_residual = relu && residual != nullptr;  // only the mask reads the residual
+  float m[VEC], sc[VEC], sh[VEC], a[VEC], k[VEC], cc[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    m[v] = mean[c0 + v], a[v] = a_coef[c0 + v], k[v] = k_coef[c0 + v], cc[v] = c_coef[c0 + v];
+    sc[v] = relu ? scale[c0 + v] : 0.f, sh[v] = relu ? shift[c0 + v] : 0.f;
+  }
+  const int64_t step = int64_t(gridDim.y) * blockDim.y;
+  for (int64_t r = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; r < rows; r += kUnroll * step) {
+    float g[kUnroll][VEC], xv[kUnroll][VEC], rv[kUnroll][VEC];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t off = (r + u * step) * C + c0;
+      if (r + u * step < rows) {
+        load_vec<T, VEC>(dy + off, g[u]);
+        load_vec<T, VEC>(x + off, xv[u]);
+        if (has_residual) load_vec<T, VEC>(residual + off, rv[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (r + u * step < rows) {
+        const int64_t off = (r + u * step) * C + c0;
+        float out[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          const float xc = xv[u][v] - m[v];
+          g[u][v] = masked_grad<T>(g[u][v], xc, sc[v], sh[v], has_residual ? rv[u][v] : 0.f,
+                                   has_residual, relu);
+          out[v] = fmaf(a[v], g[u][v], centered_term(k[v], xc, cc[v]));
+        }
+        store_vec<T, VEC>(dx + off, out);
+        if (dres != nullptr) store_vec<T, VEC>(dres + off, g[u]);
+      }
+    }
+  }
+}
+
+template <typename T, int VEC>
+__global__ void backward_dx_planar_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
+    const float* __restrict__ mean, const float* __restrict__ scale,
+    const float* __restrict__ shift, bool relu, const float* __restrict__ a_coef,
+    const float* __restrict__ k_coef, const float* __restrict__ c_coef, int64_t C, int64_t HW,
+    int64_t chunk, T* __restrict__ dx, T* __restrict__ dres) {
+  const int64_t plane = blockIdx.x;
+  const int64_t c = plane % C;
+  const bool has_residual = relu && residual != nullptr;
+  const float m = mean[c], a = a_coef[c], k = k_coef[c], cc = c_coef[c];
+  const float sc = relu ? scale[c] : 0.f, sh = relu ? shift[c] : 0.f;
+  const int64_t begin = int64_t(blockIdx.y) * chunk;
+  const int64_t end = min64(HW, begin + chunk);
+  for (int64_t i = begin + threadIdx.x * VEC; i < end; i += int64_t(blockDim.x) * VEC) {
+    const int64_t off = plane * HW + i;
+    float g[VEC], xv[VEC], rv[VEC], out[VEC];
+    load_vec<T, VEC>(dy + off, g);
+    load_vec<T, VEC>(x + off, xv);
+    if (has_residual) load_vec<T, VEC>(residual + off, rv);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      const float xc = xv[v] - m;
+      g[v] = masked_grad<T>(g[v], xc, sc, sh, has_residual ? rv[v] : 0.f, has_residual, relu);
+      out[v] = fmaf(a, g[v], centered_term(k, xc, cc));
+    }
+    store_vec<T, VEC>(dx + off, out);
+    if (dres != nullptr) store_vec<T, VEC>(dres + off, g);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side: validation, launch geometry, dtype dispatch.
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int64_t next_pow2(int64_t v) {
+  int64_t p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+
+// How the kernels see a validated 4-D tensor.
+struct Geometry {
+  int64_t N, C, HW;
+  bool channels_last;     // treated as [rows = N*HW, C]; otherwise N*C planes of HW
+  at::MemoryFormat format;  // the layout of the outputs: x's, as fastres.ops.memory_format(x)
+  int64_t rows() const { return N * HW; }
+};
+
+Geometry geometry_of(const at::Tensor& x, const char* op) {
+#ifndef FASTRES_EMULATE
+  TORCH_CHECK(x.is_cuda(), "fastres::", op, ": x must be a CUDA tensor, got one on ", x.device());
+#endif
+  TORCH_CHECK(x.dim() == 4, "fastres::", op, ": x must be 4-D (N, C, H, W), got ", x.dim(),
+              "-D with shape ", x.sizes());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, "fastres::", op,
+              ": x must be float32, float16 or bfloat16, got ", dtype);
+  const bool nchw = x.is_contiguous();
+  const bool nhwc = x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(nchw || nhwc, "fastres::", op,
+              ": x must be dense NCHW (contiguous) or channels_last, got shape ", x.sizes(),
+              " with strides ", x.strides());
+  Geometry g;
+  g.N = x.size(0), g.C = x.size(1), g.HW = x.size(2) * x.size(3);
+  // With H*W == 1 both orders are the same memory: take the channels_last kernels.
+  g.channels_last = !nchw || g.HW == 1;
+  g.format = nchw ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
+  TORCH_CHECK(g.channels_last || g.N * g.C <= int64_t(INT32_MAX), "fastres::", op,
+              ": N * C = ", g.N * g.C, " planes is more than the NCHW kernels support (2^31 - 1)");
+  TORCH_CHECK(g.C <= int64_t(INT32_MAX), "fastres::", op, ": too many channels (", g.C, ")");
+  return g;
+}
+
+// dy and residual: x's shape, dtype, device and memory order.
+void check_like_x(const at::Tensor& t, const at::Tensor& x, const Geometry& g, const char* op,
+                  const char* name) {
+  TORCH_CHECK(t.device() == x.device(), "fastres::", op, ": ", name, " is on ", t.device(),
+              " but x is on ", x.device());
+  TORCH_CHECK(t.sizes() == x.sizes(), "fastres::", op, ": ", name, " has shape ", t.sizes(),
+              " but x has shape ", x.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastres::", op, ": ", name, " is ",
+              t.scalar_type(), " but x is ", x.scalar_type());
+  const bool same_order = g.channels_last ? t.is_contiguous(at::MemoryFormat::ChannelsLast)
+                                          : t.is_contiguous();
+  TORCH_CHECK(same_order, "fastres::", op, ": ", name, " must be dense in x's memory order (",
+              g.channels_last ? "channels_last" : "contiguous NCHW", "), got strides ",
+              t.strides());
+}
+
+// Per-channel parameters: fp32, contiguous, C values, on x's device.
+void check_per_channel(const at::Tensor& t, const at::Tensor& x, const Geometry& g, const char* op,
+                       const char* name) {
+  TORCH_CHECK(t.device() == x.device(), "fastres::", op, ": ", name, " is on ", t.device(),
+              " but x is on ", x.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "fastres::", op, ": ", name,
+              " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.numel() == g.C && t.is_contiguous(), "fastres::", op, ": ", name,
+              " must be a contiguous [C] = [", g.C, "] tensor, got shape ", t.sizes());
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T>
+constexpr int vec_width() {
+  return 16 / sizeof(T);
+}
+
+// 16-byte access needs the contiguous dimension to be a multiple of the vector width and every
+// pointer aligned.
+template <typename T>
+bool can_vectorize(const Geometry& g, std::initializer_list<const void*> ptrs) {
+  const int64_t inner = g.channels_last ? g.C : g.HW;
+  if (inner % vec_width<T>() != 0) return false;
+  for (const void* p : ptrs)
+    if (p != nullptr && !aligned16(p)) return false;
+  return true;
+}
+
+int sm_count(const at::Tensor& x) {
+#ifndef FASTRES_EMULATE
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, x.get_device()));
+  return count;
+#else
+  return fastres_emulation::sm_count();
+#endif
+}
+
+// Blocks resident at once on the device (kThreads-thread blocks): the target grid size.
+int64_t full_wave(const at::Tensor& x) { return int64_t(sm_count(x)) * (2048 / kThreads); }
+
+// channels_last block shape: TX threads across channel vectors (a power of two up to 32), TY rows.
+dim3 channels_last_block(int64_t channel_vecs) {
+  const int tx = int(next_pow2(channel_vecs < 32 ? channel_vecs : 32));
+  return dim3(tx, kThreads / tx);
+}
+
+// Finalize kernels: 8 channels x 32 split lanes per block for small C, 32 x 8 for large C.
+dim3 finalize_block_for(int64_t C) {
+  const int tx = C >= 1024 ? 32 : 8;
+  return dim3(tx, kThreads / tx);
+}
+
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kHalf:
+      f(c10::Half{});
+      break;
+    case at::kBFloat16:
+      f(c10::BFloat16{});
+      break;
+    default:
+      TORCH_CHECK(false, "fastres: unsupported dtype ", dtype);
+  }
+}
+
+const void* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr() : nullptr;
+}
+
+template <typename T>
+const T* typed_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+// Row/image splits for a reduction: about one full wave of blocks, a few rows per thread at least.
+struct Splits {
+  int64_t count, units_per_split;
+};
+
+Splits reduction_splits(int64_t units, int64_t min_units_per_split, int64_t blocks_per_split,
+                        int64_t wave) {
+  if (units == 0) return {0, 1};
+  int64_t count = wave / (blocks_per_split > 0 ? blocks_per_split : 1);
+  count = std::max<int64_t>(1, std::min<int64_t>(count, ceil_div(units, min_units_per_split)));
+  count = std::min<int64_t>(count, kMaxGridY);
+  const int64_t per = ceil_div(units, count);
+  return {ceil_div(units, per), per};
+}
+
+// Launches on the current stream and checks the launch. Arguments convert to the kernel's parameter
+// types (the CPU emulator in csrc/emulator/ provides its own launch_kernel).
+#ifndef FASTRES_EMULATE
+#define FASTRES_DEVICE_GUARD_AND_STREAM(x)      \
+  c10::cuda::CUDAGuard device_guard((x).device()); \
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream()
+
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
+                   Args... args) {
+  kernel<<<grid, block, 0, stream>>>(static_cast<Params>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
+
+// ------------------------------------------------------------------------------------------------
+// The ops.
+
+std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x) {
+  const char* op = "bn_stats_cuda";
+  const Geometry g = geometry_of(x, op);
+  FASTRES_DEVICE_GUARD_AND_STREAM(x);
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor mean = at::empty({g.C}, f32), m2 = at::empty({g.C}, f32);
+  if (g.C == 0) return {mean, m2};
+  const int64_t wave = full_wave(x);
+  Splits splits{0, 1};
+  int64_t total_units = 0, unit_size = 1;
+  at::Tensor part;
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const bool vec = can_vectorize<T>(g, {x.const_data_ptr()});
+    if (g.channels_last) {
+      const int64_t channel_vecs = vec ? g.C / vec_width<T>() : g.C;
+      const dim3 block = channels_last_block(channel_vecs);
+      const int64_t tiles = ceil_div(channel_vecs, block.x);
+      total_units = g.rows(), unit_size = 1;
+      splits = reduction_splits(total_units, int64_t(block.y) * kUnroll, tiles, wave);
+      part = at::empty({2, splits.count, g.C}, f32);
+      if (splits.count == 0) return;
+      const dim3 grid(tiles, splits.count);
+      float* pm = part.data_ptr<float>();
+      float* pq = pm + splits.count * g.C;
+      auto* kernel = vec ? &stats_channels_last_kernel<T, vec_width<T>()>
+                         : &stats_channels_last_kernel<T, 1>;
+      launch_kernel(kernel, grid, block, stream,
+            x.const_data_ptr<T>(), g.rows(), g.C, splits.units_per_split, pm, pq);
+    } else {
+      const int vw = vec ? vec_width<T>() : 1;
+      const dim3 block(1, std::min<int64_t>(kThreads, std::max<int64_t>(32, next_pow2(g.HW / vw))));
+      total_units = g.N, unit_size = g.HW;
+      splits = reduction_splits(total_units, 1, g.C, wave);
+      part = at::empty({2, splits.count, g.C}, f32);
+      if (splits.count == 0) return;
+      const dim3 grid(g.C, splits.count);
+      float* pm = part.data_ptr<float>();
+      float* pq = pm + splits.count * g.C;
+      auto* kernel = vec ? &stats_planar_kernel<T, vec_width<T>()>
+                         : &stats_planar_kernel<T, 1>;
+      launch_kernel(kernel, grid, block, stream,
+            x.const_data_ptr<T>(), g.N, g.C, g.HW, splits.units_per_split, pm, pq);
+    }
+  });
+  const float* pm = part.const_data_ptr<float>();
+  const dim3 finalize_block = finalize_block_for(g.C);
+  launch_kernel(&stats_finalize_kernel, dim3(ceil_div(g.C, finalize_block.x)), finalize_block,
+                stream,
+      pm, pm + splits.count * g.C, splits.count, g.C, total_units, splits.units_per_split,
+      unit_size, mean.data_ptr<float>(), m2.data_ptr<float>());
+  return {mean, m2};
+}
+
+at::Tensor bn_apply_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
+                         const at::Tensor& shift, const std::optional<at::Tensor>& residual,
+                         bool relu) {
+  const char* op = "bn_apply_cuda";
+  const Geometry g = geometry_of(x, op);
+  check_per_channel(mean, x, g, op, "mean");
+  check_per_channel(scale, x, g, op, "scale");
+  check_per_channel(shift, x, g, op, "shift");
+  if (residual.has_value()) check_like_x(*residual, x, g, op, "residual");
+  FASTRES_DEVICE_GUARD_AND_STREAM(x);
+  at::Tensor y = at::empty(x.sizes(), x.options(), g.format);
+  if (x.numel() == 0) return y;
+  const int64_t wave = full_wave(x);
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const bool vec = can_vectorize<T>(g, {x.const_data_ptr(), ptr_or_null(residual), y.data_ptr()});
+    const T* r = typed_or_null<T>(residual);
+    if (g.channels_last) {
+      const int64_t channel_vecs = vec ? g.C / vec_width<T>() : g.C;
+      const dim3 block = channels_last_block(channel_vecs);
+      const int64_t tiles = ceil_div(channel_vecs, block.x);
+      const int64_t row_blocks = std::min<int64_t>(
+          {ceil_div(g.rows(), int64_t(block.y) * kUnroll), std::max<int64_t>(1, wave / tiles),
+           kMaxGridY});
+      const dim3 grid(tiles, row_blocks);
+      auto* kernel = vec ? &apply_channels_last_kernel<T, vec_width<T>()>
+                         : &apply_channels_last_kernel<T, 1>;
+      launch_kernel(kernel, grid, block, stream,
+            x.const_data_ptr<T>(), r, mean.const_data_ptr<float>(), scale.const_data_ptr<float>(),
+            shift.const_data_ptr<float>(), relu, g.rows(), g.C, y.data_ptr<T>());
+    } else {
+      const int vw = vec ? vec_width<T>() : 1;
+      const int64_t threads = std::min<int64_t>(kThreads, std::max<int64_t>(32, next_pow2(g.HW / vw)));
+      const int64_t chunks = std::min<int64_t>(ceil_div(g.HW, threads * vw * kUnroll), kMaxGridY);
+      const int64_t chunk = ceil_div(ceil_div(g.HW, chunks), vw) * vw;  // keeps vectors whole
+      const dim3 grid(g.N * g.C, ceil_div(g.HW, chunk));
+      auto* kernel = vec ? &apply_planar_kernel<T, vec_width<T>()>
+                         : &apply_planar_kernel<T, 1>;
+      launch_kernel(kernel, grid, threads, stream,
+            x.const_data_ptr<T>(), r, mean.const_data_ptr<float>(), scale.const_data_ptr<float>(),
+            shift.const_data_ptr<float>(), relu, g.C, g.HW, chunk, y.data_ptr<T>());
+    }
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cuda(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
+    const at::Tensor& shift, const std::optional<at::Tensor>& residual, bool relu) {
+  const char* op = "bn_backward_reduce_cuda";
+  const Geometry g = geometry_of(x, op);
+  check_like_x(dy, x, g, op, "dy");
+  check_per_channel(mean, x, g, op, "mean");
+  check_per_channel(scale, x, g, op, "scale");
+  check_per_channel(shift, x, g, op, "shift");
+  if (residual.has_value()) check_like_x(*residual, x, g, op, "residual");
+  FASTRES_DEVICE_GUARD_AND_STREAM(x);
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor sum_dy = at::empty({g.C}, f32), sum_dy_xc = at::empty({g.C}, f32);
+  if (g.C == 0) return {sum_dy, sum_dy_xc};
+  const int64_t wave = full_wave(x);
+  Splits splits{0, 1};
+  at::Tensor part;
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const bool vec = can_vectorize<T>(
+        g, {x.const_data_ptr(), dy.const_data_ptr(), relu ? ptr_or_null(residual) : nullptr});
+    const T* r = typed_or_null<T>(residual);
+    if (g.channels_last) {
+      const int64_t channel_vecs = vec ? g.C / vec_width<T>() : g.C;
+      const dim3 block = channels_last_block(channel_vecs);
+      const int64_t tiles = ceil_div(channel_vecs, block.x);
+      splits = reduction_splits(g.rows(), int64_t(block.y) * kUnroll, tiles, wave);
+      part = at::empty({2, splits.count, g.C}, f32);
+      if (splits.count == 0) return;
+      const dim3 grid(tiles, splits.count);
+      float* pa = part.data_ptr<float>();
+      float* pb = pa + splits.count * g.C;
+      auto* kernel = vec ? &backward_reduce_channels_last_kernel<T, vec_width<T>()>
+                         : &backward_reduce_channels_last_kernel<T, 1>;
+      launch_kernel(kernel, grid, block, stream,
+            dy.const_data_ptr<T>(), x.const_data_ptr<T>(), r, mean.const_data_ptr<float>(),
+            scale.const_data_ptr<float>(), shift.const_data_ptr<float>(), relu, g.rows(), g.C,
+            splits.units_per_split, pa, pb);
+    } else {
+      const int vw = vec ? vec_width<T>() : 1;
+      const dim3 block(1, std::min<int64_t>(kThreads, std::max<int64_t>(32, next_pow2(g.HW / vw))));
+      splits = reduction_splits(g.N, 1, g.C, wave);
+      part = at::empty({2, splits.count, g.C}, f32);
+      if (splits.count == 0) return;
+      const dim3 grid(g.C, splits.count);
+      float* pa = part.data_ptr<float>();
+      float* pb = pa + splits.count * g.C;
+      auto* kernel = vec ? &backward_reduce_planar_kernel<T, vec_width<T>()>
+                         : &backward_reduce_planar_kernel<T, 1>;
+      launch_kernel(kernel, grid, block, stream,
+            dy.const_data_ptr<T>(), x.const_data_ptr<T>(), r, mean.const_data_ptr<float>(),
+            scale.const_data_ptr<float>(), shift.const_data_ptr<float>(), relu, g.N, g.C, g.HW,
+            splits.units_per_split, pa, pb);
+    }
+  });
+  const float* pa = part.const_data_ptr<float>();
+  const dim3 finalize_block = finalize_block_for(g.C);
+  launch_kernel(&sum_finalize_kernel, dim3(ceil_div(g.C, finalize_block.x)), finalize_block,
+                stream,
+      pa, pa + splits.count * g.C, splits.count, g.C, sum_dy.data_ptr<float>(),
+      sum_dy_xc.data_ptr<float>());
+  return {sum_dy, sum_dy_xc};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_backward_dx_cuda(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
+    const at::Tensor& shift, const std::optional<at::Tensor>& residual, bool relu,
+    const at::Tensor& a, const at::Tensor& k, const at::Tensor& c, bool need_dres) {
+  const char* op = "bn_backward_dx_cuda";
+  const Geometry g = geometry_of(x, op);
+  check_like_x(dy, x, g, op, "dy");
+  check_per_channel(mean, x, g, op, "mean");
+  check_per_channel(scale, x, g, op, "scale");
+  check_per_channel(shift, x, g, op, "shift");
+  check_per_channel(a, x, g, op, "a");
+  check_per_channel(k, x, g, op, "k");
+  check_per_channel(c, x, g, op, "c");
+  if (residual.has_value()) check_like_x(*residual, x, g, op, "residual");
+  FASTRES_DEVICE_GUARD_AND_STREAM(x);
+  at::Tensor dx = at::empty(x.sizes(), x.options(), g.format);
+  at::Tensor dres = need_dres ? at::empty(x.sizes(), x.options(), g.format) : at::empty({0}, x.options());
+  if (x.numel() == 0) return {dx, dres};
+  const int64_t wave = full_wave(x);
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* r = relu ? typed_or_null<T>(residual) : nullptr;
+    T* dres_ptr = need_dres ? dres.data_ptr<T>() : nullptr;
+    const bool vec = can_vectorize<T>(
+        g, {x.const_data_ptr(), dy.const_data_ptr(), r, dx.data_ptr(), dres_ptr});
+    if (g.channels_last) {
+      const int64_t channel_vecs = vec ? g.C / vec_width<T>() : g.C;
+      const dim3 block = channels_last_block(channel_vecs);
+      const int64_t tiles = ceil_div(channel_vecs, block.x);
+      const int64_t row_blocks = std::min<int64_t>(
+          {ceil_div(g.rows(), int64_t(block.y) * kUnroll), std::max<int64_t>(1, wave / tiles),
+           kMaxGridY});
+      const dim3 grid(tiles, row_blocks);
+      auto* kernel = vec ? &backward_dx_channels_last_kernel<T, vec_width<T>()>
+                         : &backward_dx_channels_last_kernel<T, 1>;
+      launch_kernel(kernel, grid, block, stream,
+            dy.const_data_ptr<T>(), x.const_data_ptr<T>(), r, mean.const_data_ptr<float>(),
+            scale.const_data_ptr<float>(), shift.const_data_ptr<float>(), relu,
+            a.const_data_ptr<float>(), k.const_data_ptr<float>(), c.const_data_ptr<float>(),
+            g.rows(), g.C, dx.data_ptr<T>(), dres_ptr);
+    } else {
+      const int vw = vec ? vec_width<T>() : 1;
+      const int64_t threads = std::min<int64_t>(kThreads, std::max<int64_t>(32, next_pow2(g.HW / vw)));
+      const int64_t chunks = std::min<int64_t>(ceil_div(g.HW, threads * vw * kUnroll), kMaxGridY);
+      const int64_t chunk = ceil_div(ceil_div(g.HW, chunks), vw) * vw;
+      const dim3 grid(g.N * g.C, ceil_div(g.HW, chunk));
+      auto* kernel = vec ? &backward_dx_planar_kernel<T, vec_width<T>()>
+                         : &backward_dx_planar_kernel<T, 1>;
+      launch_kernel(kernel, grid, threads, stream,
+            dy.const_data_ptr<T>(), x.const_data_ptr<T>(), r, mean.const_data_ptr<float>(),
+            scale.const_data_ptr<float>(), shift.const_data_ptr<float>(), relu,
+            a.const_data_ptr<float>(), k.const_data_ptr<float>(), c.const_data_ptr<float>(), g.C,
+            g.HW, chunk, dx.data_ptr<T>(), dres_ptr);
+    }
+  });
+  return {dx, dres};
+}
+
+}  // namespace
+}  // namespace fastres
+
+TORCH_LIBRARY_IMPL(FASTRES_OPS_NAMESPACE, FASTRES_DISPATCH_KEY, m) {
+  m.impl("bn_stats_cuda", &fastres::bn_stats_cuda);
+  m.impl("bn_apply_cuda", &fastres::bn_apply_cuda);
+  m.impl("bn_backward_reduce_cuda", &fastres::bn_backward_reduce_cuda);
+  m.impl("bn_backward_dx_cuda", &fastres::bn_backward_dx_cuda);
+}

@@ -1,0 +1,14 @@
+// Test-only: csrc/cuda/batch_norm_act.cu compiled as plain C++ on the CUDA emulation of
+// cuda_emulation.h, its ops registered for CPU tensors as torch.ops.fastres_emu.bn_*_cuda.
+// Built on demand by tests/test_cuda_ext.py (FASTRES_EMULATE_CUDA=1), never by setup.py.
+#define FASTRES_EMULATE 1
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "../schemas.h"
+#include "cuda_emulation.h"
+
+TORCH_LIBRARY(fastres_emu, m) { FASTRES_DEFINE_BN_OPS(m); }
+
+#include "../cuda/batch_norm_act.cu"
