@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from fastres import functional as F
 from fastres.backend import get_backend, triton_interpreting
+from fastres.nn.batch_norm_act import BatchNormAct2d
 
 __all__ = ["NORMCONV_TABLE", "NORMCONV_TABLE_DEVICE", "set_normconv", "get_normconv",
            "conv_choice", "block_uses_normconv", "bottleneck_forward", "basic_block_forward"]
@@ -91,8 +92,9 @@ def _plain_conv(conv) -> bool:
 
 
 def _plain_bn(bn) -> bool:
-    # nn.BatchNorm2d or fastres's BatchNormAct2d (a subclass); SyncBatchNorm is not one.
-    return isinstance(bn, nn.BatchNorm2d)
+    # Exactly nn.BatchNorm2d or fastres's BatchNormAct2d: a subclass (a synchronised BN, say) may
+    # compute its statistics differently, so it keeps its own forward.
+    return type(bn) in (nn.BatchNorm2d, BatchNormAct2d)
 
 
 def _convs_and_bns(block):
