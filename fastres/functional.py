@@ -7,9 +7,10 @@ import torch
 from torch import Tensor
 
 from fastres.ops.batch_norm_act import batch_norm_act_op, channel_count
+from fastres.ops.norm_conv import conv_bias_act as conv_bias_act_op, norm_conv_fwd
 
 __all__ = ["batch_norm_act", "sync_batch_norm_act", "ACTIVATIONS", "check_batch_norm_act_args",
-           "update_running_stats"]
+           "update_running_stats", "norm_conv", "bn_fold", "bn_fold_train", "conv_bias_act"]
 
 ACTIVATIONS = ("relu", None)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -157,3 +158,144 @@ def sync_batch_norm_act(
     if running_mean is not None:
         update_running_stats(running_mean, running_var, mean, var, count, float(momentum))
     return y
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalized convolution.
+
+
+def _pair(v, name) -> list[int]:
+    if isinstance(v, int):
+        return [v, v]
+    v = [int(i) for i in v]
+    if len(v) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return v
+
+
+def bn_fold(mean: Tensor, var: Tensor, weight: Optional[Tensor] = None,
+            bias: Optional[Tensor] = None, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Per-channel fp32 (scale, shift) with BN(x) = x·scale + shift, as differentiable torch math
+    (gradients flow to mean, var, weight and bias)."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(scale.dtype)
+    return scale, shift
+
+
+def bn_fold_train(mean: Tensor, var: Tensor, count: int, running_mean: Optional[Tensor],
+                  running_var: Optional[Tensor], weight: Optional[Tensor] = None,
+                  bias: Optional[Tensor] = None, momentum: Optional[float] = 0.1,
+                  eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Training-mode BN from batch statistics (mean, biased var over ``count`` elements, e.g. from
+    ``norm_conv(..., collect_stats=True)``): updates the running statistics in place exactly as
+    F.batch_norm does (unbiased variance; momentum None keeps them) and returns ``bn_fold(...)``."""
+    if count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got {count}")
+    if running_mean is not None and count > 1:
+        update_running_stats(running_mean, running_var, mean.detach(), var.detach(), count,
+                             0.0 if momentum is None else float(momentum))
+    return bn_fold(mean, var, weight, bias, eps)
+
+
+def check_conv_args(input, weight, stride, padding, dilation, groups):
+    """Validate a groups/stride/padding/dilation conv2d call; returns them normalised."""
+    if not isinstance(input, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError("conv: input and weight must be Tensors")
+    if input.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"conv expects 4-D input (N, C, H, W) and 4-D weight (K, C/groups, "
+                         f"R, S), got shapes {tuple(input.shape)} and {tuple(weight.shape)}")
+    if input.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"conv supports float32, float16 and bfloat16 input (float64 with "
+                        f"the torch backend), got {input.dtype}")
+    if weight.dtype != input.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} does not match input dtype {input.dtype}")
+    if weight.device != input.device:
+        raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+    groups = int(groups)
+    C = input.shape[1]
+    if groups < 1 or C % groups or weight.shape[0] % groups or weight.shape[1] * groups != C:
+        raise ValueError(f"conv: input has {C} channels but weight {tuple(weight.shape)} with "
+                         f"groups={groups} expects {weight.shape[1] * groups}")
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), \
+        _pair(dilation, "dilation")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"conv: stride and dilation must be >= 1 and padding >= 0, got "
+                         f"stride={stride}, padding={padding}, dilation={dilation}")
+    for k, (size, pad, dil) in enumerate(zip(input.shape[2:], padding, dilation)):
+        if size + 2 * pad < dil * (weight.shape[2 + k] - 1) + 1:
+            raise ValueError(f"conv: input spatial size {tuple(input.shape[2:])} (padded by "
+                             f"{padding}) is smaller than the dilated kernel")
+    return stride, padding, dilation, groups
+
+
+def norm_conv(
+    input: Tensor,
+    weight: Tensor,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    scale: Optional[Tensor] = None,
+    shift: Optional[Tensor] = None,
+    collect_stats: bool = False,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """``out = F.conv2d(relu(input·scale + shift) if scale is given else input, weight, None,
+    stride, padding, dilation, groups)`` with the BN-apply + ReLU fused into the conv's operand
+    load (zero padding applies to the activated tensor) and, when ``collect_stats``, the batch
+    statistics of ``out`` from the conv's epilogue.
+
+    Returns ``(out, mean, var)``: ``out`` channels_last in input's dtype; ``mean`` and the biased
+    ``var`` fp32 per output channel (None unless collect_stats). All are differentiable: gradients
+    flow to input, weight, scale and shift, also through mean and var (so
+    ``norm_conv(y_a, w, scale=s, shift=t)`` with ``(s, t) = bn_fold(mean_a, var_a, ...)`` gives
+    exactly the gradients of conv(relu(F.batch_norm(y_a, training=True))) ).
+    scale and shift are per input channel (fp32 or input's dtype), both or neither.
+    """
+    stride, padding, dilation, groups = check_conv_args(input, weight, stride, padding, dilation,
+                                                        groups)
+    C = input.shape[1]
+    if (scale is None) != (shift is None):
+        raise ValueError("norm_conv: scale and shift must both be given or both be None")
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.numel() != C:
+            raise ValueError(f"norm_conv: {name} must be a 1-D tensor of {C} per-channel values, "
+                             f"got {t.shape if isinstance(t, Tensor) else type(t).__name__}")
+        if t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    out, mean, var = norm_conv_fwd(input, weight, scale, shift, stride, padding, dilation, groups,
+                                   bool(collect_stats))
+    if not collect_stats:
+        return out, None, None
+    return out, mean, var
+
+
+def conv_bias_act(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1,
+                  padding=0, dilation=1, groups: int = 1, residual: Optional[Tensor] = None,
+                  activation: Optional[str] = "relu") -> Tensor:
+    """``act(F.conv2d(input, weight, bias, stride, padding, dilation, groups) + residual)`` with the
+    bias, the add and the activation in the conv's epilogue — eval mode's conv with a folded BN.
+    Output channels_last; differentiable wrt input, weight, bias and residual."""
+    relu = _check_activation(activation)
+    stride, padding, dilation, groups = check_conv_args(input, weight, stride, padding, dilation,
+                                                        groups)
+    K = weight.shape[0]
+    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (K,)):
+        raise ValueError(f"conv_bias_act: bias must have shape ({K},), got "
+                         f"{bias.shape if isinstance(bias, Tensor) else type(bias).__name__}")
+    if residual is not None:
+        from fastres.ops.norm_conv import conv_output_shape
+
+        expected = tuple(conv_output_shape(input.shape, weight.shape, stride, padding, dilation))
+        if not isinstance(residual, Tensor) or tuple(residual.shape) != expected:
+            raise ValueError(f"conv_bias_act: residual must have the output's shape {expected}, "
+                             f"got {getattr(residual, 'shape', type(residual).__name__)}")
+        if residual.dtype != input.dtype:
+            raise TypeError(f"residual dtype {residual.dtype} does not match input dtype "
+                            f"{input.dtype}")
+    return conv_bias_act_op(input, weight, bias, residual, stride, padding, dilation, groups, relu)

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 from torch import Tensor, nn
 
 from fastres.nn.batch_norm_act import BatchNormAct2d, ResidualAct
+from fastres.nn.normconv import maybe_normconv
 
 __all__ = ["BasicBlock", "Bottleneck", "TimmBasicBlock", "TimmBottleneck", "conv3x3", "conv1x1"]
 
@@ -84,6 +85,9 @@ class BasicBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
+        fused = maybe_normconv(self, x)  # the normconv path, where selected (fastres.nn.normconv)
+        if fused is not None:
+            return fused
         identity = x if self.downsample is None else self.downsample(x)
         out = norm_relu(self.bn1, self.relu, self.conv1(x))
         return norm_relu(self.bn2, self.relu, self.conv2(out), identity)
@@ -112,6 +116,9 @@ class Bottleneck(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
+        fused = maybe_normconv(self, x)  # the normconv path, where selected (fastres.nn.normconv)
+        if fused is not None:
+            return fused
         identity = x if self.downsample is None else self.downsample(x)
         out = norm_relu(self.bn1, self.relu, self.conv1(x))
         out = norm_relu(self.bn2, self.relu, self.conv2(out))

@@ -1,0 +1,250 @@
+"""The normalized-convolution path for ResNet blocks, and the per-shape choice table.
+
+Training (all BNs in training mode), for a Bottleneck::
+
+    y1, stats1 = conv1(x)                                  stats from conv1's epilogue
+    y2, stats2 = conv2(relu(BN1(y1)))                      BN1-apply + ReLU in conv2's prologue
+    y3         = conv3(relu(BN2(y2)))                      BN2-apply + ReLU in conv3's prologue
+    out        = relu(BN3(y3) + identity)                  the foundation's fused BN + add + ReLU
+
+(BasicBlock: the same with conv1 → conv2.) Only the raw conv outputs y1, y2, y3 and per-channel
+statistics are kept for backward; gradients flow exactly as in eager (see fastres/ops/norm_conv.py).
+Running statistics and ``num_batches_tracked`` are updated as ``nn.BatchNorm2d`` does.
+
+Eval: each conv runs with its BN folded in (weight·scale, bias = shift) and the bias, the residual
+add and the ReLU in the conv's epilogue (``fastres.functional.conv_bias_act``) — for inference or
+frozen BN parameters; trainable BN parameters in eval mode with grad enabled keep the fallback.
+
+Works on fastres's blocks and on torchvision's (same attribute names: conv1, bn1, ..., downsample).
+
+Choice (``NORMCONV_TABLE``, the one place): per conv shape, "normconv" or "torch-conv+fused-bn". It
+is filled by the benchmark suite on a GPU; until then it is empty and ``NORMCONV_TABLE_DEVICE`` is
+"unmeasured", so every shape takes the fallback unless forced with ``FASTRES_NORMCONV=1`` (or
+``set_normconv("on")``); ``FASTRES_NORMCONV=0`` / ``"off"`` disables the path everywhere.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from fastres import functional as F
+from fastres.backend import get_backend, triton_interpreting
+from fastres.nn.batch_norm_act import BatchNormAct2d
+
+__all__ = ["NORMCONV_TABLE", "NORMCONV_TABLE_DEVICE", "set_normconv", "get_normconv",
+           "conv_choice", "block_uses_normconv", "bottleneck_forward", "basic_block_forward"]
+
+NORMCONV = "normconv"
+FALLBACK = "torch-conv+fused-bn"
+
+# (in_channels, out_channels, kernel, stride, dtype name) -> NORMCONV | FALLBACK.
+# Measured on: nothing yet (no session has had a GPU). Missing shapes take FALLBACK.
+NORMCONV_TABLE_DEVICE = "unmeasured"
+NORMCONV_TABLE: dict[tuple[int, int, int, int, str], str] = {}
+
+_MODES = ("auto", "on", "off")
+
+
+def _mode_from_env() -> str:
+    value = os.environ.get("FASTRES_NORMCONV", "auto").strip().lower()
+    return {"1": "on", "true": "on", "on": "on", "0": "off", "false": "off", "off": "off",
+            "": "auto", "auto": "auto"}.get(value, "invalid")
+
+
+_mode = _mode_from_env()
+if _mode == "invalid":
+    raise ValueError(f"FASTRES_NORMCONV={os.environ.get('FASTRES_NORMCONV')!r}: use 1, 0 or auto")
+
+
+def set_normconv(mode: str) -> None:
+    """"on": every eligible block uses the normconv path; "off": none does; "auto": the table."""
+    global _mode
+    mode = str(mode).strip().lower()
+    if mode not in _MODES:
+        raise ValueError(f"normconv mode must be one of {_MODES}, got {mode!r}")
+    _mode = mode
+
+
+def get_normconv() -> str:
+    return _mode
+
+
+def conv_choice(conv: nn.Conv2d, dtype: torch.dtype) -> str:
+    if _mode == "on":
+        return NORMCONV
+    if _mode == "off":
+        return FALLBACK
+    key = (conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0],
+           str(dtype).replace("torch.", ""))
+    return NORMCONV_TABLE.get(key, FALLBACK)
+
+
+# --------------------------------------------------------------------------------------------------
+# Eligibility.
+
+
+def _plain_conv(conv) -> bool:
+    return (type(conv) is nn.Conv2d and conv.groups == 1 and conv.bias is None
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+
+
+def _plain_bn(bn) -> bool:
+    # Exactly nn.BatchNorm2d or fastres's BatchNormAct2d: a subclass (a synchronised BN, say) may
+    # compute its statistics differently, so it keeps its own forward.
+    return type(bn) in (nn.BatchNorm2d, BatchNormAct2d)
+
+
+def _convs_and_bns(block):
+    names = ("1", "2", "3") if hasattr(block, "conv3") else ("1", "2")
+    return ([getattr(block, "conv" + n, None) for n in names],
+            [getattr(block, "bn" + n, None) for n in names])
+
+
+def _triton_backend_selected(x: Tensor) -> bool:
+    """The backend runs the Triton conv kernels for x (plain Python: traceable by dynamo)."""
+    backend = get_backend()
+    if backend == "torch":
+        return False
+    if x.is_cuda:
+        return True  # "auto", "triton" and "cuda" (which has no conv of its own) all use Triton
+    return backend == "triton" and triton_interpreting()
+
+
+def block_uses_normconv(block: nn.Module, x: Tensor) -> bool:
+    """Whether ``block`` (BasicBlock / Bottleneck) runs the normconv path for input ``x``."""
+    if _mode == "off" or (_mode == "auto" and not NORMCONV_TABLE):
+        return False
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        return False
+    convs, bns = _convs_and_bns(block)
+    if not all(_plain_conv(c) for c in convs) or not all(_plain_bn(b) for b in bns):
+        return False
+    if not all(isinstance(b, nn.BatchNorm2d) and b.num_features == c.out_channels
+               for b, c in zip(bns, convs)):
+        return False
+    autocast = _autocast_dtype(x)
+    dtype = autocast or x.dtype
+    allowed = (dtype, torch.float32) if autocast is not None else (dtype,)
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32) or x.dtype not in allowed:
+        return False
+    if any(c.weight.dtype not in allowed or c.weight.device != x.device for c in convs):
+        return False
+    if any(b.training != block.training for b in bns):
+        return False
+    if any(getattr(b, "activation", "relu") not in ("relu", None) for b in bns):
+        return False
+    if not block.training:
+        if any(b.running_mean is None for b in bns):
+            return False
+        # Eval folds BN into the conv weights; gradients to BN's weight and bias through the
+        # rounded folded weight would be less accurate than eager's, so trainable BN parameters
+        # (with grad enabled) keep the fallback. Inference and frozen BN take the fused path.
+        if torch.is_grad_enabled() and any(p.requires_grad for b in bns for p in b.parameters()):
+            return False
+    if not _triton_backend_selected(x):
+        return False
+    return all(conv_choice(c, x.dtype) == NORMCONV for c in convs)
+
+
+# --------------------------------------------------------------------------------------------------
+# The paths.
+
+
+def _momentum(bn: nn.BatchNorm2d) -> float:
+    """Exactly ``_BatchNorm.forward``'s exponential_average_factor, counting the batch."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    return factor
+
+
+def _bn_train_fold(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, y: Tensor):
+    count = y.numel() // y.shape[1]
+    track = bn.track_running_stats
+    return F.bn_fold_train(mean, var, count, bn.running_mean if track else None,
+                           bn.running_var if track else None, bn.weight, bn.bias, _momentum(bn),
+                           bn.eps)
+
+
+def _conv_args(conv: nn.Conv2d):
+    return conv.stride, conv.padding, conv.dilation
+
+
+def _tail(bn: nn.BatchNorm2d, y: Tensor, identity: Tensor) -> Tensor:
+    """relu(BN(y) + identity): the foundation's fused op (a BatchNormAct2d's own forward)."""
+    if hasattr(bn, "activation"):  # fastres BatchNormAct2d
+        out = bn(y, identity)
+        return out if bn.activation == "relu" else torch.relu(out)
+    use_running = not bn.training or bn.track_running_stats
+    return F.batch_norm_act(y, bn.running_mean if use_running else None,
+                            bn.running_var if use_running else None, bn.weight, bn.bias,
+                            bn.training or bn.running_mean is None, _momentum(bn), bn.eps,
+                            residual=identity.to(y.dtype), activation="relu")
+
+
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d):
+    """Eval: (conv weight · scale, shift) with BN(conv(x)) = conv(x; weight·scale) + shift."""
+    scale, shift = F.bn_fold(bn.running_mean.float(), bn.running_var.float(), bn.weight, bn.bias,
+                             bn.eps)
+    weight = conv.weight * scale.to(conv.weight.dtype).view(-1, 1, 1, 1)
+    return weight, shift
+
+
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast would run x's convs in, or None outside autocast."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
+def _chain(block: nn.Module, x: Tensor) -> Tensor:
+    convs, bns = _convs_and_bns(block)
+    identity = x if block.downsample is None else block.downsample(x)  # under autocast, as eager
+    dtype = _autocast_dtype(x)
+    if dtype is None:
+        return _chain_in_dtype(block, convs, bns, x, identity, x.dtype)
+    # Autocast runs each conv in its dtype (fp32 weights cast per call, differentiably) and BN in
+    # its input's dtype: do the same explicitly, with autocast off inside the fused ops.
+    with torch.autocast(x.device.type, enabled=False):
+        return _chain_in_dtype(block, convs, bns, x.to(dtype), identity, dtype)
+
+
+def _chain_in_dtype(block, convs, bns, x: Tensor, identity: Tensor, dtype: torch.dtype) -> Tensor:
+    if not block.training:
+        out = x
+        for i, (conv, bn) in enumerate(zip(convs, bns)):
+            weight, bias = _folded(conv, bn)
+            last = i == len(convs) - 1
+            out = F.conv_bias_act(out, weight.to(dtype), bias, *_conv_args(conv), groups=1,
+                                  residual=identity.to(dtype) if last else None,
+                                  activation="relu")
+        return out
+    y = x
+    scale = shift = None
+    for conv, bn in zip(convs[:-1], bns[:-1]):
+        y, mean, var = F.norm_conv(y, conv.weight.to(dtype), *_conv_args(conv), scale=scale,
+                                   shift=shift, collect_stats=True)
+        scale, shift = _bn_train_fold(bn, mean, var, y)
+    y, _, _ = F.norm_conv(y, convs[-1].weight.to(dtype), *_conv_args(convs[-1]), scale=scale,
+                          shift=shift)
+    return _tail(bns[-1], y, identity)
+
+
+def bottleneck_forward(block: nn.Module, x: Tensor) -> Tensor:
+    """Bottleneck.forward through the normconv path (check ``block_uses_normconv`` first)."""
+    return _chain(block, x)
+
+
+def basic_block_forward(block: nn.Module, x: Tensor) -> Tensor:
+    """BasicBlock.forward through the normconv path (check ``block_uses_normconv`` first)."""
+    return _chain(block, x)
+
+
+def maybe_normconv(block: nn.Module, x: Tensor) -> Optional[Tensor]:
+    """The block's output through the normconv path when it is selected, else None."""
+    return _chain(block, x) if block_uses_normconv(block, x) else None

@@ -1,0 +1,445 @@
+"""Normalized convolution (fastres.functional.norm_conv): Triton implicit-GEMM conv with the
+BN-apply + ReLU prologue and the batch-statistics epilogue, forward and backward, against eager
+F.conv2d + F.batch_norm + relu with the tolerance rule
+
+    err(fused vs fp64 reference) <= 2 · err(eager in the same dtype vs fp64 reference) + floor.
+
+CPU tests run the Triton kernels under TRITON_INTERPRET=1 at small shapes (fp32 and fp16: a bf16
+tl.dot is wrong under the interpreter); the `gpu` tests repeat them at bigger shapes, bf16 included.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastres
+import helpers
+from fastres.functional import bn_fold, bn_fold_train, conv_bias_act, norm_conv
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+
+# name: (C, K, kernel, stride, padding, dilation, H, W)
+GEOMETRIES = {
+    "3x3_s1": (5, 6, 3, 1, 1, 1, 6, 6),
+    "3x3_s2_odd": (5, 6, 3, 2, 1, 1, 7, 7),
+    "1x1_s1_wide": (20, 40, 1, 1, 0, 1, 5, 5),
+    "1x1_s2": (20, 9, 1, 2, 0, 1, 5, 5),
+    "7x7_s2_stem": (3, 8, 7, 2, 3, 1, 9, 9),
+    "3x3_dil2": (5, 6, 3, 1, 2, 2, 6, 6),
+}
+
+
+@pytest.fixture(autouse=True)
+def triton_backend():
+    with fastres.use_backend("triton"):
+        yield
+
+
+def assert_rule(name, fused, eager, ref, dtype):
+    """The project's tolerance rule (tests/helpers.py)."""
+    helpers.assert_rule(fused, eager, ref, name)
+
+
+def make(geometry, dtype, n=2, seed=0, device=DEV):
+    C, K, R, stride, padding, dilation, H, W = GEOMETRIES[geometry]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, C, H, W, generator=g)
+    w = torch.randn(K, C, R, R, generator=g) / (C * R * R) ** 0.5
+    gamma = torch.rand(C, generator=g) + 0.5
+    beta = torch.randn(C, generator=g) * 0.5  # relu(beta) != 0 for some channels: padding rule
+    to = dict(device=device)
+    return (x.to(dtype=dtype, **to).contiguous(memory_format=torch.channels_last),
+            w.to(dtype=dtype, **to), gamma.to(**to), beta.to(**to), (stride, padding, dilation))
+
+
+def eager_bn_act_conv(x, w, gamma, beta, conv_args, prologue, eps=1e-5):
+    """conv(relu(BN_train(x))) (or conv(x)) and its output's batch statistics, in eager torch."""
+    a = F.relu(F.batch_norm(x, None, None, gamma, beta, True, 0.1, eps)) if prologue else x
+    y = F.conv2d(a, w, None, *conv_args)
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    var, mean = torch.var_mean(y.to(acc), dim=(0, 2, 3), correction=0)
+    return y, mean, var
+
+
+def fused_bn_act_conv(x, w, gamma, beta, conv_args, prologue, eps=1e-5):
+    scale = shift = None
+    if prologue:
+        var_a, mean_a = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
+        scale, shift = bn_fold(mean_a, var_a, gamma, beta, eps)
+    return norm_conv(x, w, *conv_args, scale=scale, shift=shift, collect_stats=True)
+
+
+def leaves(*ts):
+    return [t.detach().clone().requires_grad_() for t in ts]
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward: the conv, the prologue and the statistics epilogue.
+
+
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "prologue"])
+def test_forward(geometry, dtype, prologue):
+    x, w, gamma, beta, conv_args = make(geometry, dtype)
+    ref = eager_bn_act_conv(x.double(), w.double(), gamma.double(), beta.double(), conv_args,
+                            prologue)
+    eager = eager_bn_act_conv(x, w, gamma, beta, conv_args, prologue)
+    y, mean, var = fused_bn_act_conv(x, w, gamma, beta, conv_args, prologue)
+    assert y.dtype == dtype and y.shape == ref[0].shape
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    for name, f, e, r in zip(("y", "mean", "var"), (y, mean, var), eager, ref):
+        assert_rule(name, f, e, r, dtype)
+    # The epilogue statistics are those of the stored (rounded) output.
+    var_y, mean_y = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), mean_y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var.double(), var_y, rtol=1e-5, atol=1e-6)
+
+
+def test_prologue_padding_is_zero_after_the_transform():
+    # relu(0·scale + shift) = 1 everywhere inside the image; the zero padding of the activated
+    # tensor must stay 0, so border outputs see fewer ones than interior outputs.
+    x = torch.zeros(1, 3, 5, 5, device=DEV)
+    w = torch.ones(4, 3, 3, 3, device=DEV)
+    scale, shift = torch.ones(3, device=DEV), torch.ones(3, device=DEV)
+    y, _, _ = norm_conv(x, w, 1, 1, scale=scale, shift=shift)
+    expected = F.conv2d(torch.ones_like(x), w, None, 1, 1)
+    wrong = F.conv2d(F.pad(x, (1, 1, 1, 1)) + 1, w)  # relu(shift) in the padding
+    assert not torch.equal(expected, wrong)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    assert y[0, 0, 0, 0].item() == 12.0 and y[0, 0, 2, 2].item() == 27.0
+
+
+def test_fp32_input_without_prologue_matches_conv2d_exactly_enough():
+    x, w, _, _, conv_args = make("3x3_s2_odd", torch.float32)
+    y, mean, var = norm_conv(x, w, *conv_args)
+    assert mean is None and var is None
+    assert_rule("y", y, F.conv2d(x, w, None, *conv_args),
+                F.conv2d(x.double(), w.double(), None, *conv_args), torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward: every gradient of conv_a → BN_a → ReLU → conv_b, through the batch statistics too.
+
+
+def chain(x, w1, w2, gamma, beta, geometry_b, use_fused, eps=1e-5):
+    """y2 = conv_b(relu(BN_train(conv_a(x)))) and a loss that also uses conv_b's statistics."""
+    _, _, _, stride, padding, dilation, _, _ = GEOMETRIES[geometry_b]
+    if use_fused:
+        y1, m1, v1 = norm_conv(x, w1, 1, 1, collect_stats=True)
+        scale, shift = bn_fold(m1, v1, gamma, beta, eps)
+        y2, m2, v2 = norm_conv(y1, w2, stride, padding, dilation, scale=scale, shift=shift,
+                               collect_stats=True)
+    else:
+        y1 = F.conv2d(x, w1, None, 1, 1)
+        a = F.relu(F.batch_norm(y1, None, None, gamma, beta, True, 0.1, eps))
+        y2 = F.conv2d(a, w2, None, stride, padding, dilation)
+        acc = torch.float64 if y2.dtype == torch.float64 else torch.float32
+        v2, m2 = torch.var_mean(y2.to(acc), dim=(0, 2, 3), correction=0)
+    return y2, m2, v2
+
+
+def chain_grads(x, w1, w2, gamma, beta, geometry_b, use_fused, seed=1):
+    x, w1, w2, gamma, beta = leaves(x, w1, w2, gamma, beta)
+    y2, m2, v2 = chain(x, w1, w2, gamma, beta, geometry_b, use_fused)
+    acc = m2.dtype
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(y2.shape, generator=g).to(device=y2.device, dtype=acc)
+    dm = torch.randn(m2.shape, generator=g).to(device=y2.device, dtype=acc)
+    loss = (y2.to(acc) * dy).sum() + (m2 * dm).sum() + 3 * v2.sum()
+    loss.backward()
+    return {"y2": y2, "dx": x.grad, "dw_a": w1.grad, "dw_b": w2.grad, "dgamma": gamma.grad,
+            "dbeta": beta.grad}
+
+
+def make_chain(geometry_b, dtype, device=DEV, n=2, seed=0):
+    C, K, R = GEOMETRIES[geometry_b][:3]
+    H, W = GEOMETRIES[geometry_b][6:]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, H, W, generator=g)
+    w1 = torch.randn(C, 3, 3, 3, generator=g) / 27 ** 0.5
+    w2 = torch.randn(K, C, R, R, generator=g) / (C * R * R) ** 0.5
+    gamma = torch.rand(C, generator=g) + 0.5
+    beta = torch.randn(C, generator=g) * 0.5
+    return ([t.to(device=device, dtype=dtype) for t in (x, w1, w2)]
+            + [gamma.to(device), beta.to(device)])
+
+
+@pytest.mark.parametrize("dtype, geometry", [
+    (torch.float16, "3x3_s1"), (torch.float16, "3x3_s2_odd"), (torch.float16, "1x1_s2"),
+    (torch.float16, "3x3_dil2"), (torch.float32, "3x3_s2_odd"), (torch.float32, "1x1_s2"),
+])
+def test_backward_chain(geometry, dtype):
+    x, w1, w2, gamma, beta = make_chain(geometry, dtype)
+    ref = chain_grads(x.double(), w1.double(), w2.double(), gamma.double(), beta.double(),
+                      geometry, use_fused=False)
+    eager = chain_grads(x, w1, w2, gamma, beta, geometry, use_fused=False)
+    fused = chain_grads(x, w1, w2, gamma, beta, geometry, use_fused=True)
+    for name in ref:
+        assert fused[name] is not None, name
+        assert fused[name].dtype == eager[name].dtype, name
+        assert_rule(name, fused[name], eager[name], ref[name], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_relu_mask_at_exact_zero(dtype):
+    # Many pre-activations are exactly 0: PyTorch's threshold_backward blocks the gradient there
+    # (it passes only where relu's output is > 0), and so must the dgrad epilogue.
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(-1, 3, (2, 4, 5, 5), generator=g).to(DEV, dtype)
+    w = torch.randn(6, 4, 3, 3, generator=g).to(DEV, dtype)
+    scale = torch.tensor([1.0, 2.0, 0.5, 1.0], device=DEV)
+    shift = torch.tensor([-1.0, -2.0, 0.0, -0.5], device=DEV)
+    dy = torch.randn(2, 6, 5, 5, generator=g).to(DEV, dtype)
+
+    def run(x, w, scale, shift, fused):
+        x, w, scale, shift = leaves(x, w, scale, shift)
+        if fused:
+            y = norm_conv(x, w, 1, 1, scale=scale, shift=shift)[0]
+        else:
+            a = torch.relu(x.to(scale.dtype) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+            y = F.conv2d(a.to(x.dtype), w, None, 1, 1)
+        y.backward(dy.to(y.dtype))
+        return y, x.grad, w.grad, scale.grad, shift.grad
+
+    ref = run(x.double(), w.double(), scale.double(), shift.double(), False)
+    eager = run(x, w, scale, shift, False)
+    fused = run(x, w, scale, shift, True)
+    assert (ref[1] == 0).any() and (x * scale.view(1, -1, 1, 1).to(dtype) == -shift.view(
+        1, -1, 1, 1).to(dtype)).any()
+    for name, f, e, r in zip(("y", "dx", "dw", "dscale", "dshift"), fused, eager, ref):
+        assert_rule(name, f, e, r, dtype)
+
+
+def test_backward_stem_7x7():
+    # conv_b is the 7×7 stride-2 stem geometry; small so the 49-tap wgrad stays cheap.
+    C, K = 3, 8
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(1, C, 7, 7, generator=g), torch.randn(K, C, 7, 7, generator=g) / 12
+    dy = torch.randn(1, K, 4, 4, generator=g)
+
+    def run(x, w, fused):
+        x, w = leaves(x, w)
+        y = norm_conv(x, w, 2, 3)[0] if fused else F.conv2d(x, w, None, 2, 3)
+        (y * dy.to(y.dtype)).sum().backward()
+        return y, x.grad, w.grad
+
+    ref = run(x.double(), w.double(), False)
+    eager = run(x, w, False)
+    fused = run(x, w, True)
+    for name, f, e, r in zip(("y", "dx", "dw"), fused, eager, ref):
+        assert_rule(name, f, e, r, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running statistics, determinism, fallbacks, bad input, custom-op checks.
+
+
+def test_running_stats_match_batch_norm():
+    x, w, gamma, beta, conv_args = make("3x3_s2_odd", torch.float16)
+    y, mean, var = norm_conv(x, w, *conv_args, collect_stats=True)
+    rm, rv = torch.randn(6, device=DEV), torch.rand(6, device=DEV) + 0.5
+    rm_e, rv_e = rm.clone(), rv.clone()
+    rm_r, rv_r = rm.double(), rv.double()
+    bn_fold_train(mean, var, y.numel() // y.shape[1], rm, rv, None, None, momentum=0.3)
+    y_e = F.conv2d(x, w, None, *conv_args)
+    F.batch_norm(y_e.float(), rm_e, rv_e, None, None, True, 0.3, 1e-5)
+    F.batch_norm(y_e.double(), rm_r, rv_r, None, None, True, 0.3, 1e-5)
+    assert_rule("running_mean", rm, rm_e, rm_r, torch.float32)
+    assert_rule("running_var", rv, rv_e, rv_r, torch.float32)
+
+
+def test_deterministic():
+    x, w1, w2, gamma, beta = make_chain("1x1_s2", torch.float16)
+    first = chain_grads(x, w1, w2, gamma, beta, "1x1_s2", use_fused=True)
+    second = chain_grads(x, w1, w2, gamma, beta, "1x1_s2", use_fused=True)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_triton_matches_torch_backend():
+    x, w, gamma, beta, conv_args = make("3x3_s1", torch.float16)
+    fused = fused_bn_act_conv(x, w, gamma, beta, conv_args, True)
+    with fastres.use_backend("torch"):
+        reference = fused_bn_act_conv(x, w, gamma, beta, conv_args, True)
+    torch.testing.assert_close(fused[0], reference[0], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(fused[1], reference[1], rtol=1e-4, atol=1e-5)
+
+
+def test_groups_fall_back_to_eager_conv():
+    x = torch.randn(2, 4, 5, 5, device=DEV)
+    w = torch.randn(6, 2, 3, 3, device=DEV)
+    scale, shift = torch.rand(4, device=DEV) + 0.5, torch.randn(4, device=DEV)
+    x_, w_ = leaves(x, w)
+    y, mean, var = norm_conv(x_, w_, 1, 1, groups=2, scale=scale, shift=shift, collect_stats=True)
+    x_e, w_e = leaves(x, w)
+    a = torch.relu(x_e * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+    y_e = F.conv2d(a, w_e, None, 1, 1, 1, 2)
+    torch.testing.assert_close(y, y_e)
+    torch.testing.assert_close(mean, y_e.mean((0, 2, 3)))
+    y.sum().backward()
+    y_e.sum().backward()
+    torch.testing.assert_close(x_.grad, x_e.grad)
+    torch.testing.assert_close(w_.grad, w_e.grad)
+
+
+def test_nan_propagates_to_output_and_stats():
+    x, w, gamma, beta, conv_args = make("3x3_s1", torch.float32)
+    x[0, 1, 2, 3] = float("nan")
+    y, mean, var = norm_conv(x, w, *conv_args, collect_stats=True)
+    y_e = F.conv2d(x, w, None, *conv_args)
+    assert torch.equal(y.isnan(), y_e.isnan())
+    assert mean.isnan().all() and var.isnan().all()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(weight=torch.randn(6, 4, 3, 3)), "channels"),
+    (dict(weight=torch.randn(6, 5, 3, 3, dtype=torch.float16)), "dtype"),
+    (dict(input=torch.randn(2, 5, 6)), "4-D"),
+    (dict(scale=torch.ones(5)), "both"),
+    (dict(scale=torch.ones(4), shift=torch.ones(4)), "per-channel"),
+    (dict(stride=0), "stride"),
+    (dict(input=torch.randn(2, 5, 1, 1), padding=0), "smaller"),
+    (dict(input=torch.randint(0, 3, (2, 5, 6, 6))), "float32"),
+])
+def test_bad_input_raises_clear_errors(bad, match):
+    args = dict(input=torch.randn(2, 5, 6, 6), weight=torch.randn(6, 5, 3, 3), stride=1,
+                padding=1)
+    args.update(bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        norm_conv(**args)
+
+
+def test_non_contiguous_input():
+    x, w, _, _, conv_args = make("3x3_s1", torch.float32)
+    x_nc = x.contiguous().transpose(2, 3)  # neither NCHW- nor NHWC-contiguous after slicing
+    x_nc = x_nc[:, :, ::1, :]
+    y = norm_conv(x_nc, w, *conv_args)[0]
+    torch.testing.assert_close(y, F.conv2d(x_nc, w, None, *conv_args), rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck():
+    from fastres.ops import norm_conv as ops
+
+    x = torch.randn(2, 3, 4, 4, device=DEV).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(5, 3, 3, 3, device=DEV)
+    scale, shift = torch.rand(3, device=DEV) + 0.5, torch.randn(3, device=DEV)
+    dy = torch.randn(2, 5, 2, 2, device=DEV).contiguous(memory_format=torch.channels_last)
+    conv = ([2, 2], [1, 1], [1, 1], 1)
+    x_g, w_g = x.clone().requires_grad_(), w.clone().requires_grad_()
+    s_g, t_g = scale.clone().requires_grad_(), shift.clone().requires_grad_()
+    torch.library.opcheck(ops.norm_conv_fwd, (x_g, w_g, s_g, t_g, *conv, True))
+    # With the statistics' gradient folded into dy (y: the conv's output, its mean, dmean, dvar).
+    y = torch.randn_like(dy)
+    stats = (y, y.mean((0, 2, 3)), torch.randn(5, device=DEV), torch.randn(5, device=DEV))
+    torch.library.opcheck(ops.norm_conv_dgrad, (dy, w, x, scale, shift, *conv, *stats))
+    torch.library.opcheck(ops.norm_conv_wgrad, (dy, x, w, scale, shift, *conv, *stats),
+                          test_utils=("test_schema", "test_faketensor"))
+    b_g, r_g = torch.randn(5, device=DEV).requires_grad_(), dy.clone().requires_grad_()
+    torch.library.opcheck(ops.conv_bias_act, (x_g, w_g, b_g, r_g, *conv, True))
+
+
+def test_torch_compile():
+    x, w, gamma, beta, conv_args = make("3x3_s1", torch.float32)
+
+    def f(x, w, gamma, beta):
+        y1, m1, v1 = norm_conv(x, w.new_ones(5, 5, 1, 1), collect_stats=True)
+        scale, shift = bn_fold(m1, v1, gamma, beta)
+        return norm_conv(y1, w, *conv_args, scale=scale, shift=shift)[0]
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, w, gamma, beta), f(x, w, gamma, beta))
+
+
+# --------------------------------------------------------------------------------------------------
+# Eval: conv + bias + residual + ReLU in the epilogue.
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("geometry, with_residual", [("3x3_s2_odd", True), ("1x1_s1_wide", False)])
+def test_conv_bias_act(dtype, geometry, with_residual):
+    x, w, _, _, conv_args = make(geometry, dtype)
+    g = torch.Generator().manual_seed(7)
+    K = w.shape[0]
+    bias = torch.randn(K, generator=g).to(DEV)
+    out_shape = F.conv2d(x, w, None, *conv_args).shape
+    residual = torch.randn(out_shape, generator=g).to(DEV, dtype) if with_residual else None
+    dy = torch.randn(out_shape, generator=g).to(DEV, dtype)
+
+    def run(x, w, bias, residual, fused):
+        x, w, bias = leaves(x, w, bias)
+        inputs = [x, w, bias]
+        if residual is not None:
+            residual = leaves(residual)[0]
+            inputs.append(residual)
+        if fused:
+            y = conv_bias_act(x, w, bias, *conv_args, residual=residual)
+        else:  # eager: conv with the bias, then + residual, then relu
+            y = F.conv2d(x, w, bias.to(x.dtype), *conv_args)
+            y = torch.relu(y if residual is None else y + residual)
+        y.backward(dy.to(y.dtype))
+        return [y] + [t.grad for t in inputs]
+
+    ref = run(x.double(), w.double(), bias.double(),
+              None if residual is None else residual.double(), False)
+    eager = run(x, w, bias, residual, False)
+    fused = run(x, w, bias, residual, True)
+    for name, f, e, r in zip(("y", "dx", "dw", "dbias", "dresidual"), fused, eager, ref):
+        if name == "dbias":
+            e = e.float()  # eager's bias grad is in x's dtype; the fused one in bias's (fp32)
+        assert_rule(name, f, e, r, dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU: bigger shapes, bf16 included.
+
+GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("shape", [
+    (8, 64, 64, 3, 1, 1, 1, 28),   # N, C, K, R, stride, pad, dil, H
+    (8, 256, 64, 1, 1, 0, 1, 28),
+    (8, 128, 128, 3, 2, 1, 1, 29),
+    (8, 512, 1024, 1, 2, 0, 1, 14),
+    (8, 3, 64, 7, 2, 3, 1, 56),
+])
+def test_gpu_forward_backward(dtype, shape):
+    N, C, K, R, stride, pad, dil, H = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, C, H, H, generator=g)
+    w = torch.randn(K, C, R, R, generator=g) / (C * R * R) ** 0.5
+    gamma, beta = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g) * 0.5
+    dy = torch.randn(conv_shape := (N, K, (H + 2 * pad - dil * (R - 1) - 1) // stride + 1,
+                                    (H + 2 * pad - dil * (R - 1) - 1) // stride + 1), generator=g)
+    conv_args = (stride, pad, dil)
+
+    def run(dtype, fused):
+        pdt = torch.float64 if dtype == torch.float64 else torch.float32
+        xs, ws, gs, bs = leaves(x.to("cuda", dtype).contiguous(memory_format=torch.channels_last),
+                                w.to("cuda", dtype).contiguous(memory_format=torch.channels_last),
+                                gamma.to("cuda", pdt), beta.to("cuda", pdt))
+        run_chain = fused_bn_act_conv if fused else eager_bn_act_conv
+        y, mean, var = run_chain(xs, ws, gs, bs, conv_args, True)
+        ((y.to(mean.dtype) * dy.to("cuda", mean.dtype)).sum() + mean.sum() + var.sum()).backward()
+        return {"y": y, "mean": mean, "var": var, "dx": xs.grad, "dw": ws.grad,
+                "dgamma": gs.grad, "dbeta": bs.grad}
+
+    ref = run(torch.float64, False)
+    eager = run(dtype, False)
+    fused = run(dtype, True)
+    assert conv_shape == tuple(fused["y"].shape)
+    for name in ref:
+        assert_rule(name, fused[name], eager[name], ref[name], dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_bf16():
+    x, w1, w2, gamma, beta = make_chain("3x3_s2_odd", torch.bfloat16, device="cuda", n=16)
+    first = chain_grads(x, w1, w2, gamma, beta, "3x3_s2_odd", use_fused=True)
+    second = chain_grads(x, w1, w2, gamma, beta, "3x3_s2_odd", use_fused=True)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
