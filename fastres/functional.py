@@ -76,12 +76,25 @@ def check_batch_norm_act_args(input, running_mean, running_var, weight, bias, tr
                              f"size {input.shape}")
 
 
+def _check_momentum(momentum):
+    """A float as for F.batch_norm, or a 0-d tensor on the input's device (what BatchNormAct2d
+    passes for momentum=None: 1/num_batches_tracked without reading the count on the host)."""
+    if isinstance(momentum, Tensor) and momentum.dim() == 0 and momentum.is_floating_point():
+        return momentum
+    if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
+        raise TypeError(f"momentum must be a float (as for F.batch_norm) or a 0-d float tensor, got "
+                        f"{momentum!r}; BatchNormAct2d handles momentum=None (cumulative average)")
+    return float(momentum)
+
+
 def update_running_stats(running_mean, running_var, mean, var, count, momentum):
     """In-place exponential update exactly as F.batch_norm does (unbiased variance)."""
+    # One rounding into the buffers, computed in the precision eager uses on that device.
+    acc = torch.float64 if running_mean.device.type == "cpu" else torch.float32
     with torch.no_grad():
-        unbiased = var * (count / (count - 1))
-        running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        unbiased = var.to(acc) * (count / (count - 1))
+        running_mean.copy_(running_mean.to(acc) * (1.0 - momentum) + mean.to(acc) * momentum)
+        running_var.copy_(running_var.to(acc) * (1.0 - momentum) + unbiased * momentum)
 
 
 def batch_norm_act(
@@ -105,15 +118,13 @@ def batch_norm_act(
     """
     relu = _check_activation(activation)
     check_batch_norm_act_args(input, running_mean, running_var, weight, bias, training, residual)
-    if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
-        raise TypeError(f"momentum must be a float (as for F.batch_norm), got {momentum!r}; "
-                        "BatchNormAct2d handles momentum=None (cumulative moving average)")
+    momentum = _check_momentum(momentum)
     use_batch_stats = training
     y, mean, var = batch_norm_act_op(input, weight, bias, residual, running_mean, running_var,
                                      use_batch_stats, float(eps), relu)
     count = channel_count(input)
     if use_batch_stats and running_mean is not None and count > 1:
-        update_running_stats(running_mean, running_var, mean, var, count, float(momentum))
+        update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return y
 
 
@@ -142,9 +153,7 @@ def sync_batch_norm_act(
     from fastres.ops import sync_batch_norm_act as sync_ops
 
     relu = _check_activation(activation)
-    if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
-        raise TypeError(f"momentum must be a float (as for F.batch_norm), got {momentum!r}; "
-                        "BatchNormAct2d handles momentum=None (cumulative moving average)")
+    momentum = _check_momentum(momentum)
     distributed = torch.distributed.is_available() and (
         process_group is not None or torch.distributed.is_initialized())
     world_size = torch.distributed.get_world_size(process_group) if distributed else 1
@@ -156,7 +165,7 @@ def sync_batch_norm_act(
     y, mean, var, count = sync_ops.sync_batch_norm_act(input, weight, bias, residual, float(eps),
                                                       relu, process_group)
     if running_mean is not None:
-        update_running_stats(running_mean, running_var, mean, var, count, float(momentum))
+        update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return y
 
 
@@ -197,7 +206,7 @@ def bn_fold_train(mean: Tensor, var: Tensor, count: int, running_mean: Optional[
         raise ValueError(f"Expected more than 1 value per channel when training, got {count}")
     if running_mean is not None and count > 1:
         update_running_stats(running_mean, running_var, mean.detach(), var.detach(), count,
-                             0.0 if momentum is None else float(momentum))
+                             0.0 if momentum is None else _check_momentum(momentum))
     return bn_fold(mean, var, weight, bias, eps)
 
 

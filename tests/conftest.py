@@ -1,4 +1,9 @@
 import os
+import tempfile
+
+# A fresh inductor cache per test session: a cache left by an earlier checkout can hold graphs traced
+# with another version of fastres's fake kernels.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastres-inductor-"))
 
 # The Triton kernels run on CPU tensors through the interpreter when there is no GPU. This must be set
 # before triton is imported anywhere.

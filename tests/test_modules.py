@@ -273,3 +273,20 @@ def test_autocast_bfloat16_cpu():
     f, e, _ = compare_models(fused, eager, xs, gs, steps=1, autocast=True, what="autocast")
     assert f["step0.output"].dtype == e["step0.output"].dtype == torch.bfloat16
     assert fused.bn1.weight.dtype == torch.float32
+
+
+def test_momentum_none_reads_no_count_on_the_host(monkeypatch):
+    """The cumulative average's factor 1/num_batches_tracked stays a device tensor (no host sync:
+    capturable in a CUDA graph), and the running stats still match nn.BatchNorm2d."""
+    fused, eager = BatchNormAct2d(3, momentum=None, activation=None), nn.BatchNorm2d(3, momentum=None)
+    xs = [torch.randn(4, 3, 5, 5) + i for i in range(3)]
+    for x in xs:
+        eager(x)
+    with monkeypatch.context() as m:
+        for name in ("__float__", "item", "tolist"):
+            m.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("host read of a tensor"))
+        for x in xs:
+            fused(x)
+    torch.testing.assert_close(fused.running_mean, eager.running_mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fused.running_var, eager.running_var, rtol=1e-6, atol=1e-7)
+    assert int(fused.num_batches_tracked) == 3

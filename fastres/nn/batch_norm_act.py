@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from fastres import functional as F
 
-__all__ = ["BatchNormAct2d", "ConvBNAct2d", "ResidualAct", "normalize_activation"]
+__all__ = ["BatchNormAct2d", "ConvBNAct2d", "ResidualAct", "normalize_activation",
+           "exponential_average_factor"]
 
 
 def normalize_activation(activation) -> Optional[str]:
@@ -32,6 +33,18 @@ def check_process_group(process_group):
         return process_group
     raise TypeError(f"process_group must be None, 'world' or a torch.distributed ProcessGroup, "
                     f"got {process_group!r}")
+
+
+def exponential_average_factor(bn: nn.BatchNorm2d):
+    """The running-statistics momentum for this call, exactly as ``_BatchNorm.forward``: counts the
+    batch in ``num_batches_tracked`` and gives 1/num_batches_tracked for momentum=None — as a device
+    tensor, so the count is never read on the host (the step stays CUDA-graph capturable)."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / bn.num_batches_tracked.double()
+    return factor
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -90,23 +103,13 @@ class BatchNormAct2d(nn.BatchNorm2d):
             raise ValueError(f"{type(self).__name__}({self.num_features}) got input with "
                              f"{input.shape[1]} channels (shape {tuple(input.shape)})")
 
-    def _exponential_average_factor(self) -> float:
-        """The running-statistics momentum for this call, exactly as ``_BatchNorm.forward``: counts
-        the batch in ``num_batches_tracked`` and gives 1/num_batches_tracked for momentum=None."""
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average (reads the count, like torch)
-                factor = 1.0 / float(self.num_batches_tracked)
-        return factor
-
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         self._check_input_dim(input)
         if residual is not None and isinstance(residual, Tensor) and residual.dtype != input.dtype \
                 and residual.is_floating_point() and input.is_floating_point():
             # Eager ``out += identity`` keeps out's dtype (mixed under autocast): do the same.
             residual = residual.to(input.dtype)
-        factor = self._exponential_average_factor()
+        factor = exponential_average_factor(self)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         # Running stats are updated in training only when tracked, and used whenever not training.
         use_running = not self.training or self.track_running_stats

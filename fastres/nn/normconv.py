@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from fastres import functional as F
 from fastres.backend import get_backend, triton_interpreting
-from fastres.nn.batch_norm_act import BatchNormAct2d
+from fastres.nn.batch_norm_act import BatchNormAct2d, exponential_average_factor
 
 __all__ = ["NORMCONV_TABLE", "NORMCONV_TABLE_DEVICE", "set_normconv", "get_normconv",
            "conv_choice", "block_uses_normconv", "bottleneck_forward", "basic_block_forward"]
@@ -153,21 +153,12 @@ def block_uses_normconv(block: nn.Module, x: Tensor) -> bool:
 # The paths.
 
 
-def _momentum(bn: nn.BatchNorm2d) -> float:
-    """Exactly ``_BatchNorm.forward``'s exponential_average_factor, counting the batch."""
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            factor = 1.0 / float(bn.num_batches_tracked)
-    return factor
-
-
 def _bn_train_fold(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, y: Tensor):
     count = y.numel() // y.shape[1]
     track = bn.track_running_stats
     return F.bn_fold_train(mean, var, count, bn.running_mean if track else None,
-                           bn.running_var if track else None, bn.weight, bn.bias, _momentum(bn),
+                           bn.running_var if track else None, bn.weight, bn.bias,
+                           exponential_average_factor(bn),
                            bn.eps)
 
 
@@ -183,7 +174,8 @@ def _tail(bn: nn.BatchNorm2d, y: Tensor, identity: Tensor) -> Tensor:
     use_running = not bn.training or bn.track_running_stats
     return F.batch_norm_act(y, bn.running_mean if use_running else None,
                             bn.running_var if use_running else None, bn.weight, bn.bias,
-                            bn.training or bn.running_mean is None, _momentum(bn), bn.eps,
+                            bn.training or bn.running_mean is None,
+                            exponential_average_factor(bn), bn.eps,
                             residual=identity.to(y.dtype), activation="relu")
 
 

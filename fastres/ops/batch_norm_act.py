@@ -28,7 +28,7 @@ Eager BN + add + ReLU saves the input, the BN output and the ReLU output: 3·siz
 Every backend implements four kernel-level functions on validated tensors (``x`` is 4-D and dense in
 NCHW or NHWC order, ``dy`` and ``residual`` in the same order; per-channel tensors are fp32 [C]):
 
-    batch_stats(x) -> (mean, m2)
+    batch_stats(x) -> (mean, m2)                                  fp32, or compute_dtype(x)
     apply(x, mean, scale, shift, residual, relu) -> y             y = act((x − mean)·scale + shift + r)
     backward_reduce(dy, x, mean, scale, shift, residual, relu) -> (Σdy', Σdy'·(x − mean))
     backward_dx(dy, x, mean, scale, shift, residual, relu, a, k, c, need_dres) -> (dx, dres | None)
@@ -116,7 +116,7 @@ class TorchBackend:
         # The mean on its own (not var_mean's) so that an inf input gives an inf mean, as eager.
         mean = xf.mean(dim=(0, 2, 3))
         m2 = torch.var(xf, dim=(0, 2, 3), correction=0) * channel_count(x)
-        return mean.to(acc_dtype(x)), m2.to(acc_dtype(x))
+        return mean, m2
 
     @classmethod
     def _pre_activation(cls, x, mean, scale, shift, residual) -> Tensor:
@@ -200,7 +200,8 @@ def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     if channel_count(x) == 0:
         nan = torch.full((x.shape[1],), float("nan"), dtype=acc_dtype(x), device=x.device)
         return nan, nan.clone()
-    return _backend_for(x, "stats").batch_stats(x)
+    mean, m2 = _backend_for(x, "stats").batch_stats(x)
+    return mean.to(acc_dtype(x)), m2.to(acc_dtype(x))
 
 
 @batch_norm_stats.register_fake
@@ -246,7 +247,9 @@ def batch_norm_act_op(
             return empty_output(x), mean, m2
         backend = _backend_for(x, "stats")
         mean, m2 = backend.batch_stats(x)
-        var = m2 / channel_count(x)
+        # Rounded to fp32 once, from the backend's accumulation precision.
+        var = (m2.to(compute_dtype(x)) / channel_count(x)).to(acc_dtype(x))
+        mean = mean.to(acc_dtype(x))
     else:
         mean = running_mean.to(acc_dtype(x), copy=True)
         var = running_var.to(acc_dtype(x), copy=True)

@@ -14,7 +14,7 @@ precision.
 Arithmetic and accumulation run in ACC (``compute_dtype``): fp32 on CUDA, as ATen's CUDA kernels do;
 fp64 for CPU tensors under the interpreter, as ATen's CPU kernels do (acc_type<float, CPU> is
 double) — so fastres is held to the same precision class as the eager op it is compared with.
-Statistics are returned in fp32 either way.
+The op rounds the statistics it returns to fp32.
 
 The backend functions at the bottom implement the contract in ``fastres/ops/batch_norm_act.py``.
 """
@@ -131,12 +131,31 @@ def _stats_finalize_kernel(
         n_b = tl.zeros([BLOCK_C], dtype=ACC) + count
         n_a, mean, m2 = _chan_merge(n_a, mean, m2, n_b, mean_b, m2_b)
     shift = _channel_shift(X, cols, cmask, HW, IS_NHWC, ACC)
-    tl.store(MEAN + cols, (mean + shift).to(tl.float32), mask=cmask)
-    tl.store(M2 + cols, m2.to(tl.float32), mask=cmask)
+    tl.store(MEAN + cols, mean + shift, mask=cmask)
+    tl.store(M2 + cols, m2, mask=cmask)
 
 
 # ------------------------------------------------------------------------------------------------
 # Forward apply: y = act((x − mean)·scale + shift [+ residual]).
+
+
+@triton.jit
+def _load_affine(MEAN, SCALE, SHIFT, cols, cmask, ACC: tl.constexpr):
+    """The per-channel (mean, scale, shift) of y = (x − mean)·scale + shift, in ACC."""
+    mean = tl.load(MEAN + cols, mask=cmask, other=0.0).to(ACC)
+    scale = tl.load(SCALE + cols, mask=cmask, other=0.0).to(ACC)
+    shift = tl.load(SHIFT + cols, mask=cmask, other=0.0).to(ACC)
+    return mean, scale, shift
+
+
+@triton.jit
+def _load_x_res(X, RES, offs, mask, HAS_RESIDUAL: tl.constexpr, ACC: tl.constexpr):
+    """The input tile and the residual tile (the input again when there is none), in ACC."""
+    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+    res = x
+    if HAS_RESIDUAL:
+        res = tl.load(RES + offs, mask=mask, other=0.0).to(ACC)
+    return x, res
 
 
 @triton.jit
@@ -159,13 +178,8 @@ def _apply_kernel(
     cmask = cols < C
     mask = (rows < M)[:, None] & cmask[None, :]
     offs = _tile_offsets(rows, cols, C, HW, IS_NHWC)
-    mean = tl.load(MEAN + cols, mask=cmask, other=0.0).to(ACC)
-    scale = tl.load(SCALE + cols, mask=cmask, other=0.0).to(ACC)
-    shift = tl.load(SHIFT + cols, mask=cmask, other=0.0).to(ACC)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-    res = x
-    if HAS_RESIDUAL:
-        res = tl.load(RES + offs, mask=mask, other=0.0).to(ACC)
+    mean, scale, shift = _load_affine(MEAN, SCALE, SHIFT, cols, cmask, ACC)
+    x, res = _load_x_res(X, RES, offs, mask, HAS_RESIDUAL, ACC)
     y = _pre_activation(x, res, mean, scale, shift, HAS_RESIDUAL)
     if RELU:
         y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, as torch.relu does (max(NaN, 0) would not)
@@ -198,9 +212,7 @@ def _backward_reduce_partial_kernel(
     pid_g = tl.program_id(0)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    mean = tl.load(MEAN + cols, mask=cmask, other=0.0).to(ACC)
-    scale = tl.load(SCALE + cols, mask=cmask, other=0.0).to(ACC)
-    shift = tl.load(SHIFT + cols, mask=cmask, other=0.0).to(ACC)
+    mean, scale, shift = _load_affine(MEAN, SCALE, SHIFT, cols, cmask, ACC)
     row_begin = pid_g.to(tl.int64) * rows_per_prog
     row_end = tl.minimum(row_begin + rows_per_prog, M)
     sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
@@ -209,11 +221,8 @@ def _backward_reduce_partial_kernel(
         rows = start + tl.arange(0, BLOCK_R)
         mask = (rows < row_end)[:, None] & cmask[None, :]
         offs = _tile_offsets(rows, cols, C, HW, IS_NHWC)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+        x, res = _load_x_res(X, RES, offs, mask, HAS_RESIDUAL, ACC)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
-        res = x
-        if HAS_RESIDUAL:
-            res = tl.load(RES + offs, mask=mask, other=0.0).to(ACC)
         dy = _masked_grad(dy, x, res, mean, scale, shift, X.dtype.element_ty, HAS_RESIDUAL, RELU)
         dy = tl.where(mask, dy, 0.0)
         sum_dy += tl.sum(dy, axis=0)
@@ -250,15 +259,10 @@ def _backward_dx_kernel(
     cmask = cols < C
     mask = (rows < M)[:, None] & cmask[None, :]
     offs = _tile_offsets(rows, cols, C, HW, IS_NHWC)
-    mean = tl.load(MEAN + cols, mask=cmask, other=0.0).to(ACC)
-    scale = tl.load(SCALE + cols, mask=cmask, other=0.0).to(ACC)
-    shift = tl.load(SHIFT + cols, mask=cmask, other=0.0).to(ACC)
+    mean, scale, shift = _load_affine(MEAN, SCALE, SHIFT, cols, cmask, ACC)
     a = tl.load(COEF_A + cols, mask=cmask, other=0.0).to(ACC)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+    x, res = _load_x_res(X, RES, offs, mask, HAS_RESIDUAL, ACC)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
-    res = x
-    if HAS_RESIDUAL:
-        res = tl.load(RES + offs, mask=mask, other=0.0).to(ACC)
     dy = _masked_grad(dy, x, res, mean, scale, shift, X.dtype.element_ty, HAS_RESIDUAL, RELU)
     dx = a[None, :] * dy
     if HAS_BATCH_STATS:  # training; in eval the term is absent (0·inf would make NaN)
@@ -327,7 +331,7 @@ def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _stats_partial_kernel[(G, triton.cdiv(C, cfg["BLOCK_C"]))](
         x, part_mean, part_m2, M, C, HW, rows_per_prog,
         IS_NHWC=nhwc, ACC=_TL_DTYPE[compute_dtype(x)], BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
-    mean = torch.empty(C, dtype=torch.float32, device=x.device)
+    mean = torch.empty(C, dtype=part_mean.dtype, device=x.device)
     m2 = torch.empty_like(mean)
     block = _finalize_block(C)
     _stats_finalize_kernel[(triton.cdiv(C, block),)](
