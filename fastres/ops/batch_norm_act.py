@@ -45,51 +45,14 @@ import torch
 from torch import Tensor
 
 from fastres.backend import resolve
+from fastres.layout import channel_count, dense, empty_output, is_nhwc, memory_format, per_channel
+from fastres.precision import acc_dtype, compute_dtype
 
-# --------------------------------------------------------------------------------------------------
-# Layout helpers shared by real and fake implementations (so both give the same strides).
-
-
-def memory_format(x: Tensor) -> torch.memory_format:
-    """The dense layout the kernels use for ``x``: NCHW unless ``x`` is (closer to) channels_last."""
-    if x.is_contiguous():
-        return torch.contiguous_format
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    # Non-dense input: keep whichever order it is closer to.
-    return torch.channels_last if x.stride(1) < x.stride(3) else torch.contiguous_format
-
-
-def dense(t: Tensor, fmt: torch.memory_format) -> Tensor:
-    return t.contiguous(memory_format=fmt)
-
-
-def is_nhwc(x: Tensor) -> bool:
-    return memory_format(x) == torch.channels_last
-
-
-def empty_output(x: Tensor) -> Tensor:
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
-
-
-def acc_dtype(x: Tensor) -> torch.dtype:
-    """Statistics and per-channel math run in fp32 (fp64 for fp64 input, torch backend only)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """Precision of the elementwise math and the backward sums inside the kernels. As ATen: its CPU
-    kernels compute float in double (acc_type<float, CPU>), its CUDA kernels in float. Batch
-    statistics stay fp32 (shifted Chan merge) on both."""
-    return torch.float64 if (x.dtype == torch.float64 or x.device.type == "cpu") else torch.float32
-
-
-def per_channel(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-    return x.new_empty((x.shape[1],), dtype=dtype or acc_dtype(x))
-
-
-def channel_count(x: Tensor) -> int:
-    return x.numel() // x.shape[1] if x.shape[1] else 0
+__all__ = ["batch_norm_stats", "batch_norm_act_op", "batch_norm_act_backward_reduce",
+           "batch_norm_act_backward_dx", "TorchBackend",
+           # layout / precision helpers, re-exported for existing callers
+           "channel_count", "dense", "empty_output", "is_nhwc", "memory_format", "per_channel",
+           "acc_dtype", "compute_dtype"]
 
 
 def _fold(invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:

@@ -20,14 +20,12 @@ The backend functions at the bottom implement the contract in ``fastres/ops/batc
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from fastres.backend import triton_interpreting
-from fastres.ops.batch_norm_act import compute_dtype, empty_output, is_nhwc
+from fastres.layout import empty_output, is_nhwc
+from fastres.precision import compute_dtype, cuda_class, sm_count
 
 
 @triton.jit
@@ -278,15 +276,10 @@ def _backward_dx_kernel(
 # Launch configuration and launchers (one per kernel).
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def launch_config(M: int, C: int, nhwc: bool, device: torch.device) -> dict:
     """Tile sizes and the number of row splits G of the two-stage reductions. Tests monkeypatch this
     to force several chunks and partials on tiny inputs."""
-    if triton_interpreting() or device.type != "cuda":
+    if not cuda_class(device):
         # The interpreter costs per program instance, not per element: few, large programs.
         block_c = min(triton.next_power_of_2(max(C, 1)), 128)
         return dict(BLOCK_R=max(4096 // block_c, 16), BLOCK_C=block_c, target_programs=2,
@@ -297,7 +290,7 @@ def launch_config(M: int, C: int, nhwc: bool, device: torch.device) -> dict:
     else:
         block_c = min(triton.next_power_of_2(C), 4)
         block_r = 1024
-    return dict(BLOCK_R=block_r, BLOCK_C=block_c, target_programs=4 * _num_sms(device.index or 0),
+    return dict(BLOCK_R=block_r, BLOCK_C=block_c, target_programs=4 * sm_count(device),
                 num_warps=8 if block_r * block_c >= 4096 else 4)
 
 

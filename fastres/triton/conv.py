@@ -31,28 +31,25 @@ groups = 1 only; the op layer falls back to eager conv otherwise.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from fastres.precision import cuda_class
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def conv_configs(kind: str) -> list:
-    """Autotune configurations for one kernel kind ("fwd", "dgrad", "wgrad").
-
-    CUDA: a small list that covers Hopper (H100/H200) and Ampere (A100) — big tiles with 3-4 stages
-    for the wide layers, narrower ones for the 64-channel layers. Unmeasured: no session has had a
-    GPU yet, so the list is a starting point, not a tuned result. Interpreter: exactly one small
-    configuration (the interpreter cannot autotune, and every program instance costs ~0.5 ms).
-    """
-    if _interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4,
-                              num_stages=1)]
+def cuda_conv_configs(kind: str) -> list:
+    """The autotune configurations a CUDA device chooses from, for one kernel kind ("fwd", "dgrad",
+    "wgrad"): a small list that covers Hopper (H100/H200) and Ampere (A100) — big tiles with 3-4
+    stages for the wide layers, narrower ones for the 64-channel layers. Unmeasured: no session has
+    had a GPU yet, so the list is a starting point, not a tuned result."""
     if kind == "wgrad":
         # M = output channels, N = input channels (per tap), K = pixels (long reduction).
         # (64×128×64 with 4 warps spilled ~2 KB per thread on sm_90: tools/conv_compile_report.py)
@@ -65,8 +62,39 @@ def conv_configs(kind: str) -> list:
             for m, n, k, w, s in shapes]
 
 
+def conv_configs(kind: str) -> list:
+    """The configurations the autotuner of one kernel kind is built with: the CUDA list, or under the
+    interpreter exactly one small configuration (the interpreter cannot autotune, and every program
+    instance costs ~0.5 ms). GPU-faithful tests run each CUDA configuration through
+    ``pinned_config``."""
+    if _interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4,
+                              num_stages=1)]
+    return cuda_conv_configs(kind)
+
+
+def _autotuned(kind: str):
+    return {"fwd": _conv_fwd_kernel, "dgrad": _conv_dgrad_kernel, "wgrad": _conv_wgrad_kernel}[kind]
+
+
+@contextlib.contextmanager
+def pinned_config(kind: str, config):
+    """Within the block, the ``kind`` kernel runs exactly ``config`` (no benchmarking): how the
+    interpreter runs each CUDA configuration once."""
+    kernel = _autotuned(kind)
+    saved_configs, saved_cache = kernel.configs, dict(kernel.cache)
+    kernel.configs = [config]
+    kernel.cache.clear()
+    try:
+        yield
+    finally:
+        kernel.configs = saved_configs
+        kernel.cache.clear()
+        kernel.cache.update(saved_cache)
+
+
 def _min_block_m(kind: str) -> int:
-    return min(c.kwargs["BLOCK_M"] for c in conv_configs(kind))
+    return min(c.kwargs["BLOCK_M"] for c in _autotuned(kind).configs)
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -412,7 +440,7 @@ def conv_wgrad(dy, x, kernel_rs, stride, padding, dilation, scale=None, shift=No
         # Enough programs to fill the GPU when K·C·R·S is small and N·P·Q long; one under the
         # interpreter (each program instance costs real time there).
         # The fp32 partials stay under ~64 MiB.
-        split = 1 if _interpreting() else max(1, min(32, total // 4096,
+        split = 1 if not cuda_class(dy.device) else max(1, min(32, total // 4096,
                                                      (1 << 24) // max(K * R * S * C, 1)))
     part = torch.empty((split, K, R, S, C), dtype=torch.float32, device=dy.device)
     has_prologue = scale is not None
