@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastres.backend import resolve
+from fastres.layout import dense, empty_output, memory_format
 
 CL = torch.channels_last
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -439,3 +440,79 @@ def _cba_backward(ctx, dy):
 
 
 conv_bias_act.register_autograd(_cba_backward, setup_context=_cba_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training-mode BN + residual + ReLU from statistics computed elsewhere (a conv's epilogue).
+
+
+def _bn_ops():
+    from fastres.ops import batch_norm_act as bn_ops
+
+    return bn_ops
+
+
+@torch.library.custom_op("fastres::bn_act_with_stats", mutates_args=())
+def bn_act_with_stats(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    eps: float,
+    relu: bool,
+) -> Tensor:
+    """act((x − mean)·rsqrt(var + eps)·weight + bias [+ residual]) with the batch statistics
+    (mean, biased var: fp32 per channel) given — e.g. from the conv epilogue that produced x — so
+    the BN makes one pass (the BN-act op's apply with these statistics). Differentiable in x,
+    mean, var, weight, bias and residual: the gradient reaching mean and var is returned to them
+    and flows on to whatever computed them (``norm_conv_fwd`` folds it into its own backward)."""
+    return _bn_ops().batch_norm_act_op(x, weight, bias, residual, mean, var, False, eps, relu)[0]
+
+
+@bn_act_with_stats.register_fake
+def _(x, mean, var, weight, bias, residual, eps, relu):
+    return empty_output(x)
+
+
+def _bas_setup_context(ctx, inputs, output):
+    x, mean, var, weight, bias, residual, eps, relu = inputs
+    fmt = memory_format(x)
+    # The residual is needed only to recompute the ReLU mask.
+    ctx.save_for_backward(dense(x, fmt), mean, var, weight, bias,
+                          dense(residual, fmt) if (relu and residual is not None) else None)
+    ctx.eps, ctx.relu, ctx.has_residual = eps, relu, residual is not None
+
+
+def _bas_backward(ctx, dy):
+    """With dy' = dy·[relu mask], x̂ = (x − mean)·invstd and the sums Σdy', Σdy'·x̂ of one reduction
+    pass: dx (direct) = weight·invstd·dy', dresidual = dy', dbias = Σdy', dweight = Σdy'·x̂,
+    dmean = −weight·invstd·Σdy', dvar = −½·weight·invstd²·Σdy'·x̂ (fp64 sums, as the BN-act op)."""
+    x, mean, var, weight, bias, residual = ctx.saved_tensors
+    need_dx, need_dmean, need_dvar, need_dw, need_db, need_dres = ctx.needs_input_grad[:6]
+    bn = _bn_ops()
+    invstd = torch.rsqrt(var + ctx.eps)
+    dx = dmean = dvar = dw = db = dres = None
+    if need_dmean or need_dvar or need_dw or need_db:
+        sum_dy, sum_dy_xhat = bn.batch_norm_act_backward_reduce(dy, x, mean, invstd, weight, bias,
+                                                                residual, ctx.relu)
+        a = invstd.double() if weight is None else weight.double() * invstd.double()
+        if need_dmean:
+            dmean = (-a * sum_dy).to(mean.dtype)
+        if need_dvar:
+            dvar = (-0.5 * a * invstd.double() * sum_dy_xhat).to(var.dtype)
+        if need_dw and weight is not None:
+            dw = sum_dy_xhat.to(weight.dtype)
+        if need_db and bias is not None:
+            db = sum_dy.to(bias.dtype)
+    want_dres = bool(need_dres and ctx.has_residual)
+    if need_dx or want_dres:
+        dx, dres = bn.batch_norm_act_backward_dx(dy, x, mean, invstd, weight, bias, residual,
+                                                 None, None, ctx.relu, want_dres)
+        dx = dx if need_dx else None
+        dres = dres if want_dres else None
+    return dx, dmean, dvar, dw, db, dres, None, None
+
+
+bn_act_with_stats.register_autograd(_bas_backward, setup_context=_bas_setup_context)

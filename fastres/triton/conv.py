@@ -124,16 +124,15 @@ def conv_configs(kind: str) -> list:
     return cuda_conv_configs(kind)
 
 
-def prune_configs(kind: str, configs, named_args: dict, device: torch.device = None) -> list:
+def prune_configs(kind: str, configs, named_args: dict, limit: int = None) -> list:
     """The configurations worth benchmarking for one launch: those that fit the device's shared
     memory (for the operand dtype, with or without the saved-output tile of ``dy_stats``), then, of
     those, the ones whose tile does not exceed the problem — BLOCK_N ≤ next_pow2(columns) and, for
     fwd / dgrad, BLOCK_K ≤ next_pow2(reduced channels), for wgrad BLOCK_M ≤ next_pow2(K) — or, if
     none is that small, the smallest."""
     act = named_args["X"] if kind == "fwd" else named_args["DY"]
-    device = act.device if device is None else device
     dy_stats = bool(named_args.get("HAS_DY_PROLOGUE", False))
-    limit = device_shared_memory(device)
+    limit = device_shared_memory(act.device) if limit is None else limit
     fits = [c for c in configs
             if shared_memory_bytes(kind, c, act.element_size(), dy_stats) <= limit]
     if not fits:
@@ -319,7 +318,7 @@ def _conv_fwd_kernel(
 
 # --------------------------------------------------------------------------------------------------
 # Merge of per-tile partials (the conv epilogues' statistics and sums): one launch, one program per
-# BLOCK_C channels. Each chunk of MERGE_CHUNK partials is merged as a tree (tl.reduce, a fixed
+# BLOCK_C channels. Each chunk of MERGE_CHUNK partials is reduced at once (tl.sum: a tree in a fixed
 # order), the chunks in sequence: the dependent chain is T/MERGE_CHUNK merges, not T.
 
 MERGE_CHUNK = 64
@@ -336,11 +335,6 @@ def _chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     mean = tl.where(finite, mean_a + delta * frac, mean_a + mean_b)  # an empty side's mean is 0
     m2 = m2_a + m2_b + tl.where(n_a * n_b > 0.0, delta * delta * (n_a * frac), 0.0)
     return n, mean, m2
-
-
-@triton.jit
-def _add_pair(a1, b1, a2, b2):
-    return a1 + a2, b1 + b2
 
 
 @triton.jit(do_not_specialize=["T", "total", "rows_per_tile"])
@@ -365,12 +359,16 @@ def _merge_partials_kernel(
         if CHAN:
             rows = tl.minimum(total - tiles * rows_per_tile, rows_per_tile).to(tl.float32)
             n = tl.where(mask, rows[:, None], 0.0)
-            n_b, a_b, b_b = tl.reduce((n, a, b), 0, _chan_combine)
-            n_acc, a_acc, b_acc = _chan_combine(n_acc, a_acc, b_acc, n_b, a_b, b_b)
+            # The chunk at once (tl.sum: a tree in fixed order): its count, mean and
+            # M2 = ΣM2ᵢ + Σnᵢ(meanᵢ − mean)², then Chan-merged into the running result.
+            n_b = tl.sum(n, axis=0)
+            mean_b = tl.sum(n * a, axis=0) / tl.where(n_b > 0.0, n_b, 1.0)
+            d = tl.where(mask, a - mean_b[None, :], 0.0)
+            m2_b = tl.sum(b, axis=0) + tl.sum(n * d * d, axis=0)
+            n_acc, a_acc, b_acc = _chan_combine(n_acc, a_acc, b_acc, n_b, mean_b, m2_b)
         else:
-            a_b, b_b = tl.reduce((a, b), 0, _add_pair)
-            a_acc += a_b
-            b_acc += b_b
+            a_acc += tl.sum(a, axis=0)
+            b_acc += tl.sum(b, axis=0)
     if CHAN:
         b_acc = b_acc / total
     tl.store(OUT_A + cols, a_acc, mask=c_ok)
@@ -695,3 +693,79 @@ def conv_wgrad(dy, x, kernel_rs, stride, padding, dilation, scale=None, shift=No
         R=R, S=S, HAS_PROLOGUE=has_prologue, HAS_DY_PROLOGUE=dy_stats is not None,
         INPUT_PRECISION=input_precision(dy.dtype))
     return part[0] if split == 1 else part.sum(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Autotuning cost, counted without a GPU.
+
+_INT_ARGS_SPECIALISED = {
+    kind: [name for name in _autotuned(kind).arg_names
+           if name in ("C", "K", "stride_h", "stride_w", "tap_step_h", "tap_step_w")]
+    for kind in ("fwd", "dgrad", "wgrad")}
+
+
+@contextlib.contextmanager
+def recording_autotune(device_limit: int = H100_SHARED_MEMORY):
+    """Within the block, the conv kernels do not run; each launch records what a CUDA device's
+    autotuner would do: its autotune key, the configurations that survive pruning (from
+    ``cuda_conv_configs``, shared memory ``device_limit``) and the compiled variant each would
+    need (constexprs, dtypes and the divisibility / equal-to-1 specialisation of the integer
+    arguments Triton specialises). Yields a list of records; ``autotune_summary`` counts them."""
+    records = []
+    saved = {}
+    for kind in ("fwd", "dgrad", "wgrad"):
+        kernel = _autotuned(kind)
+        saved[kind] = kernel.__dict__.get("run")
+
+        def run(*args, _kind=kind, _kernel=kernel, grid=None, warmup=False, **kwargs):
+            named = dict(zip(_kernel.arg_names, args))
+            all_args = {**named, **kwargs}
+            key = [all_args[k] for k in _kernel.keys if k in all_args]
+            key += [str(a.dtype) for a in all_args.values() if hasattr(a, "dtype")]
+            configs = cuda_conv_configs(_kind)
+            act = all_args["X"] if _kind == "fwd" else all_args["DY"]
+            fits = [c for c in configs
+                    if shared_memory_bytes(_kind, c, act.element_size(),
+                                           bool(all_args.get("HAS_DY_PROLOGUE"))) <= device_limit]
+            pruned = prune_configs(_kind, configs, all_args, device_limit)
+            spec = tuple((name, "1" if all_args[name] == 1 else
+                          "D" if all_args[name] % 16 == 0 else "")
+                         for name in _INT_ARGS_SPECIALISED[_kind])
+            constexprs = tuple(sorted((k, str(v)) for k, v in kwargs.items()))
+            dtypes = tuple(str(a.dtype) for a in all_args.values() if hasattr(a, "dtype"))
+            records.append(dict(kind=_kind, key=(_kind,) + tuple(key), fits=len(fits),
+                                configs=pruned, all_configs=configs,
+                                variant=(_kind, constexprs, dtypes, spec)))
+            _kernel.best_config = pruned[0]
+        kernel.run = run
+    try:
+        yield records
+    finally:
+        for kind, run in saved.items():
+            kernel = _autotuned(kind)
+            if run is None:
+                del kernel.run
+            else:
+                kernel.run = run
+
+
+def _config_id(config) -> tuple:
+    return (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
+
+
+def autotune_summary(records) -> dict:
+    """Counts for the launches recorded by ``recording_autotune``: distinct autotune keys, configs
+    benchmarked (Σ over keys of the surviving configs; a key with one survivor is not benchmarked)
+    and compiled variants (distinct (variant, config) pairs), with pruning and — for comparison —
+    without it (every config of the list, every key)."""
+    keys, keys_unpruned = {}, {}
+    for rec in records:
+        keys.setdefault(rec["key"], rec)
+    benchmarked = sum(len(r["configs"]) for r in keys.values() if len(r["configs"]) > 1)
+    benchmarked_unpruned = sum(len(r["all_configs"]) for r in keys.values())
+    variants = {(r["variant"], _config_id(c)) for r in keys.values() for c in r["configs"]}
+    variants_unpruned = {(r["variant"], _config_id(c)) for r in keys.values()
+                         for c in r["all_configs"]}
+    return dict(launches=len(records), autotune_keys=len(keys),
+                benchmark_runs=benchmarked, benchmark_runs_unpruned=benchmarked_unpruned,
+                compiled_variants=len(variants), compiled_variants_unpruned=len(variants_unpruned))
