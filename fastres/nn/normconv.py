@@ -172,8 +172,8 @@ def _conv_args(conv: nn.Conv2d):
 def _tail_with_stats(bn: nn.BatchNorm2d, y: Tensor, mean: Tensor, var: Tensor,
                      identity: Tensor) -> Tensor:
     """Training: relu(BN(y) + identity) with y's batch statistics from its conv's epilogue — one
-    apply pass, no statistics pass. The gradient through (mean, var) flows back into that conv's
-    backward (folded into its dy)."""
+    apply pass, no statistics pass. The backward is BN's own (the statistics' gradient is part of
+    dy for the conv, one rounding as in eager), so the conv's backward needs no dy_stats."""
     count = y.numel() // y.shape[1]
     if count == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "

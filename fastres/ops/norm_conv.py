@@ -33,6 +33,10 @@ Custom ops (namespace ``fastres``), each with a fake implementation:
     norm_conv_wgrad(dy, x, weight, scale?, shift?, stride, padding, dilation, groups,
                     y?, y_mean?, dmean?, dvar?) -> dweight
         (y, y_mean, dmean, dvar: the statistics' gradient, folded into dy while loading it)
+    bn_act_with_stats(x, mean, var, weight?, bias?, residual?, eps, relu) -> y
+        training-mode act(BN(x) + residual) with x's batch statistics given (from the conv
+        epilogue that produced x): one apply pass; the backward is BN's own training backward
+        (the statistics' gradient is part of dx), none is returned to mean / var  autograd registered
     conv_bias_act(x, weight, bias?, residual?, stride, padding, dilation, groups, relu) -> y
         y = act(conv2d(x, weight) + bias + residual): eval mode's conv with the folded BN, the add
         and the ReLU in the conv's epilogue (one rounding)                      autograd registered
@@ -463,11 +467,11 @@ def bn_act_with_stats(
     eps: float,
     relu: bool,
 ) -> Tensor:
-    """act((x − mean)·rsqrt(var + eps)·weight + bias [+ residual]) with the batch statistics
-    (mean, biased var: fp32 per channel) given — e.g. from the conv epilogue that produced x — so
-    the BN makes one pass (the BN-act op's apply with these statistics). Differentiable in x,
-    mean, var, weight, bias and residual: the gradient reaching mean and var is returned to them
-    and flows on to whatever computed them (``norm_conv_fwd`` folds it into its own backward)."""
+    """Training-mode act(BN(x) [+ residual]) whose batch statistics — x's own mean and biased
+    variance, fp32 per channel — were computed elsewhere (by the epilogue of the conv that produced
+    x), so the forward is one apply pass. The backward is F.batch_norm's training backward: the
+    gradient through the statistics is part of dx (dx = a·dy' + k·(x − mean) + c, one rounding,
+    as eager), so none is returned to ``mean`` and ``var``: they must be x's batch statistics."""
     return _bn_ops().batch_norm_act_op(x, weight, bias, residual, mean, var, False, eps, relu)[0]
 
 
@@ -486,33 +490,24 @@ def _bas_setup_context(ctx, inputs, output):
 
 
 def _bas_backward(ctx, dy):
-    """With dy' = dy·[relu mask], x̂ = (x − mean)·invstd and the sums Σdy', Σdy'·x̂ of one reduction
-    pass: dx (direct) = weight·invstd·dy', dresidual = dy', dbias = Σdy', dweight = Σdy'·x̂,
-    dmean = −weight·invstd·Σdy', dvar = −½·weight·invstd²·Σdy'·x̂ (fp64 sums, as the BN-act op)."""
+    """The BN-act op's training backward: one reduction pass (Σdy', Σdy'·x̂), one dx pass."""
     x, mean, var, weight, bias, residual = ctx.saved_tensors
-    need_dx, need_dmean, need_dvar, need_dw, need_db, need_dres = ctx.needs_input_grad[:6]
+    need_dx, _, _, need_dw, need_db, need_dres = ctx.needs_input_grad[:6]
     bn = _bn_ops()
     invstd = torch.rsqrt(var + ctx.eps)
-    dx = dmean = dvar = dw = db = dres = None
-    if need_dmean or need_dvar or need_dw or need_db:
-        sum_dy, sum_dy_xhat = bn.batch_norm_act_backward_reduce(dy, x, mean, invstd, weight, bias,
-                                                                residual, ctx.relu)
-        a = invstd.double() if weight is None else weight.double() * invstd.double()
-        if need_dmean:
-            dmean = (-a * sum_dy).to(mean.dtype)
-        if need_dvar:
-            dvar = (-0.5 * a * invstd.double() * sum_dy_xhat).to(var.dtype)
-        if need_dw and weight is not None:
-            dw = sum_dy_xhat.to(weight.dtype)
-        if need_db and bias is not None:
-            db = sum_dy.to(bias.dtype)
+    sum_dy, sum_dy_xhat = bn.batch_norm_act_backward_reduce(dy, x, mean, invstd, weight, bias,
+                                                            residual, ctx.relu)
+    dx = dres = None
     want_dres = bool(need_dres and ctx.has_residual)
     if need_dx or want_dres:
+        m = max(x.numel() // x.shape[1], 1)
         dx, dres = bn.batch_norm_act_backward_dx(dy, x, mean, invstd, weight, bias, residual,
-                                                 None, None, ctx.relu, want_dres)
+                                                 sum_dy / m, sum_dy_xhat / m, ctx.relu, want_dres)
         dx = dx if need_dx else None
         dres = dres if want_dres else None
-    return dx, dmean, dvar, dw, db, dres, None, None
+    dw = sum_dy_xhat.to(weight.dtype) if (need_dw and weight is not None) else None
+    db = sum_dy.to(bias.dtype) if (need_db and bias is not None) else None
+    return dx, None, None, dw, db, dres, None, None
 
 
 bn_act_with_stats.register_autograd(_bas_backward, setup_context=_bas_setup_context)

@@ -14,8 +14,14 @@ Kernels (one launcher each):
                           act(x)).
                 EPILOGUE: + bias[k] [+ residual] [relu] (eval: conv with the folded BN).
                 STATS:    per-output-channel (mean, M2) of each M-tile of the stored (rounded) y,
-                          merged by ``merge_tile_stats`` in fixed order (Chan) — deterministic.
+                          merged in one launch (``merge_partials``: chunks of 64 tiles reduced as a
+                          tree, chunks Chan-merged in fixed order) — deterministic.
+                1×1 stride-1 layers (plain GEMMs) load x and w through tensor descriptors (TMA)
+                on sm_90+ when Triton has them (``use_tensor_descriptors``), else pointers.
     conv_dgrad  dx[n,h,w,c] = Σ_{r,s,k} dy[n,p,q,k] · w[k,r,s,c] over taps with h = p·σ−π+r·δ;
+                sub-pixel decomposition: one grid slice per phase (h mod σ, w mod σ), each looping
+                over only the taps that hit that phase (no MMA on masked taps; a 3×3 stride-2
+                layer issues 2.25 taps per pixel on average instead of 9);
                 PROLOGUE (the BN-act backward of the layer that produced x): the ReLU mask
                 recomputed from the saved raw x (pass unless round(x·scale+shift) ≤ 0: PyTorch's
                 threshold rule), da' = da·mask, the stored gradient is scale·da' (the gradient wrt
@@ -28,6 +34,12 @@ Kernels (one launcher each):
     dy while loading it (``dy_stats``): dy_eff = dy + dmean/M + (2·dvar/M)·(y − mean).
 
 groups = 1 only; the op layer falls back to eager conv otherwise.
+
+Autotuning (CUDA): each kernel's configurations are pruned before benchmarking
+(``prune_configs``: the device's shared memory for the operand dtype, and tiles no larger than
+the problem); sizes that need no specialisation (N, H, W, P, Q, padding, dilation) are
+``do_not_specialize``. ``recording_autotune`` / ``autotune_summary`` count what a training step
+costs the autotuner without a GPU.
 """
 from __future__ import annotations
 
@@ -706,7 +718,7 @@ _INT_ARGS_SPECIALISED = {
 
 @contextlib.contextmanager
 def recording_autotune(device_limit: int = H100_SHARED_MEMORY):
-    """Within the block, the conv kernels do not run; each launch records what a CUDA device's
+    """Within the block, the conv kernels (and the partial merges) do not run; each launch records what a CUDA device's
     autotuner would do: its autotune key, the configurations that survive pruning (from
     ``cuda_conv_configs``, shared memory ``device_limit``) and the compiled variant each would
     need (constexprs, dtypes and the divisibility / equal-to-1 specialisation of the integer
@@ -737,10 +749,19 @@ def recording_autotune(device_limit: int = H100_SHARED_MEMORY):
                                 configs=pruned, all_configs=configs,
                                 variant=(_kind, constexprs, dtypes, spec)))
             _kernel.best_config = pruned[0]
+            for name in ("Y", "TILE_MEAN", "TILE_M2", "DX", "TILE_SUM", "TILE_SUM_X", "DW_PART"):
+                if name in all_args:  # defined outputs, so that the step goes on without NaNs
+                    all_args[name].zero_()
         kernel.run = run
+    global merge_partials
+    merge = merge_partials
+    merge_partials = lambda part_a, part_b, *args, **kwargs: (  # noqa: E731
+        torch.zeros(part_a.shape[1], device=part_a.device),
+        torch.ones(part_a.shape[1], device=part_a.device))
     try:
         yield records
     finally:
+        merge_partials = merge
         for kind, run in saved.items():
             kernel = _autotuned(kind)
             if run is None:
