@@ -170,13 +170,15 @@ def _autocast(device_type: str, dtype: torch.dtype):
 def saved_activation_bytes(model: nn.Module, input_shape: Sequence[int],
                            dtype: torch.dtype = torch.float32, *, autocast: Optional[bool] = None,
                            device: str = "cuda", memory_format=torch.channels_last,
-                           train: bool = True) -> SavedBytesReport:
+                           train: bool = True, input_requires_grad: bool = False
+                           ) -> SavedBytesReport:
     """Count the bytes ``model``'s forward saves for backward on an input of ``input_shape``.
 
     dtype: fp32 runs everything in fp32. bf16 / fp16 run under autocast with fp32 parameters (AMP
     training, ``autocast=None`` or True) or, with ``autocast=False``, with the model cast to dtype.
     The model is copied onto fake tensors (``model`` itself is not touched; build it on the CPU);
     fastres modules' switches (``fastres.nn.normconv.set_normconv``, the backend) apply as usual.
+    input_requires_grad: the input needs a gradient (a block inside a net); images do not.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -224,6 +226,7 @@ def saved_activation_bytes(model: nn.Module, input_shape: Sequence[int],
                             dtype=torch.float32 if autocast else dtype)
             if x.dim() == 4 and memory_format is not None:
                 x = x.contiguous(memory_format=memory_format)
+            x.requires_grad_(input_requires_grad)
             amp = _autocast(torch.device(device).type, dtype) if autocast \
                 else contextlib.nullcontext()
             with amp, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
