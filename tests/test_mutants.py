@@ -70,7 +70,7 @@ def test_outcome_rules():
 def test_one_mutant_end_to_end():
     """The biased running variance, against its (fast) selection: passes unmutated, fails mutated."""
     m = next(m for m in M.MUTANTS if m["id"] == "running-var-biased")
-    (result,) = M.run_mutants([m], log=lambda *_: None, timeout=300)
+    (result,) = M.run_mutants([m], log=lambda *a, **k: None, timeout=300)
     assert result["baseline"]["rc"] == 0 and result["baseline"]["passed"] > 0, result["baseline"]["tail"]
     assert result["status"] == "caught", result["run"]["tail"]
     report = M.markdown([result])

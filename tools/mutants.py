@@ -84,7 +84,7 @@ MUTANTS = [
         y = tl.where(y < 0.0, 0.0, y)
     if HAS_RESIDUAL:
         y = y + res""",
-         tests=f"{T_BN} -k 'test_fp32_families and basic and res-relu'",
+         tests=f"{T_BN} -k 'test_fp32_families and basic and relu and res and not nores'",
          why="the residual added after the ReLU instead of before"),
     # ---- gradients
     dict(id="grad-dx-no-xhat-term", category="gradient dx", file=BN,
@@ -112,7 +112,7 @@ MUTANTS = [
         y = _round_to(y, X_DTYPE).to(y.dtype)""",
          new="""        y = _pre_activation(x, res, mean, scale, shift, False)
         y = _round_to(y, X_DTYPE).to(y.dtype)""",
-         tests=f"{T_BN} -k 'test_fp32_families and basic and res-relu'",
+         tests=f"{T_BN} -k 'test_fp32_families and basic and relu and res and not nores and train'",
          why="the backward recomputes the ReLU mask without the residual"),
     dict(id="grad-relu-mask-passes-zero", category="gradient relu mask", file=BN,
          old="dy = tl.where(y <= 0.0, 0.0, dy)",
@@ -313,9 +313,25 @@ def outcome(baseline: dict | None, mutated: dict) -> str:
     return "no-tests" if mutated["rc"] == 5 else "error"
 
 
-def run_mutants(mutants, baseline: bool = True, timeout: float | None = None, log=print) -> list:
-    """Run each mutant in sequence; returns one result dict per mutant."""
+def _same(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("id", "file", "old", "new", "tests", "env"))
+
+
+def load_state(path: str | None) -> list:
+    """The results recorded in a --resume file (JSON lines), [] when there is none."""
+    if not path or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_mutants(mutants, baseline: bool = True, timeout: float | None = None, log=print,
+                state: str | None = None) -> list:
+    """Run each mutant in sequence; returns one result dict per mutant. With ``state`` (a JSON-lines
+    file) each result is recorded as it finishes and a mutant already recorded unchanged is not run
+    again (a long run can be resumed after a time-out)."""
     check_all(mutants)
+    recorded = load_state(state)
     results = []
     baselines = {}
     with tempfile.TemporaryDirectory(prefix="fastres-mutants-") as tmp:
@@ -323,10 +339,15 @@ def run_mutants(mutants, baseline: bool = True, timeout: float | None = None, lo
         if baseline:
             copy_tree(base_tree)
         for i, m in enumerate(mutants):
+            done = [r for r in recorded if _same(r["mutant"], m)]
+            if done:
+                results.append(done[-1])
+                log(f"[{i + 1}/{len(mutants)}] {m['id']}: {done[-1]['status']} (recorded in {state})")
+                continue
             limit = m.get("timeout") or timeout or DEFAULT_TIMEOUT_S
             key = (m["tests"], json.dumps(m.get("env") or {}, sort_keys=True))
             if baseline and key not in baselines:
-                log(f"[{i + 1}/{len(mutants)}] baseline: {m['tests']}")
+                log(f"[{i + 1}/{len(mutants)}] baseline: {m['tests']}", flush=True)
                 baselines[key] = run_selection(base_tree, m, limit)
             tree = os.path.join(tmp, f"mutant{i}")
             copy_tree(tree)
@@ -336,8 +357,11 @@ def run_mutants(mutants, baseline: bool = True, timeout: float | None = None, lo
             status = outcome(baselines.get(key), mutated)
             results.append({"mutant": m, "status": status, "run": mutated,
                             "baseline": baselines.get(key)})
+            if state:
+                with open(state, "a") as f:
+                    f.write(json.dumps(results[-1]) + "\n")
             log(f"[{i + 1}/{len(mutants)}] {m['id']}: {status} ({mutated['seconds']}s, "
-                f"{mutated['failed']} failed / {mutated['passed']} passed)")
+                f"{mutated['failed']} failed / {mutated['passed']} passed)", flush=True)
             if status not in ("caught", "SURVIVED"):
                 log("    " + (baselines.get(key) or mutated)["tail"].replace("\n", "\n    "))
     return results
@@ -413,6 +437,8 @@ def main(argv=None) -> int:
                    help="also run the mutants of PATH (JSON list or .py with MUTANTS)")
     p.add_argument("--external-only", action="store_true", help="only the --mutants-file mutants")
     p.add_argument("--no-baseline", action="store_true", help="skip the unmutated baseline runs")
+    p.add_argument("--resume", metavar="STATE.jsonl", help="record each result in this file as it "
+                   "finishes, and skip the mutants already recorded there unchanged")
     p.add_argument("--timeout", type=float, help=f"seconds per run (default {DEFAULT_TIMEOUT_S})")
     p.add_argument("--report", metavar="PATH", help="markdown report (default docs/mutation_report.md "
                    "for a full run, none with --only)")
@@ -435,7 +461,8 @@ def main(argv=None) -> int:
         for m in mutants:
             print(f"{m['id']:40s} {m['category']:28s} {m['file']}")
         return 0
-    results = run_mutants(mutants, baseline=not args.no_baseline, timeout=args.timeout)
+    results = run_mutants(mutants, baseline=not args.no_baseline, timeout=args.timeout,
+                          state=args.resume)
     print()
     print(table(results))
     caught, counted = catch_rate(results)
