@@ -5,7 +5,16 @@ Implementations:
     "compile"        torch.compile of the eager model (``mode`` chosen by the runner), no CUDA graphs.
     "fastres-triton" / "fastres-cuda" / "fastres-torch"
                      the fastres modules (``fastres.convert`` of the eager model, or fastres.ConvBNAct2d /
-                     fastres.functional.batch_norm_act) with that fastres backend selected.
+                     fastres.functional.batch_norm_act) with that fastres backend selected. At block
+                     level with the normconv path off (the fused-BN fallback); at model level as
+                     shipped (normconv where fastres/tables/normconv_table.json chooses it).
+    "fastres-normconv"
+                     the Triton backend with the normconv path forced on for every eligible block
+                     (blocks and models only: ops and ConvBNAct2d have no normconv path).
+
+Every record keeps the repeat timings it was measured from (``times_ms``: the sorted per-run times, or
+TIMES_KEPT evenly spaced order statistics of them), so ``benchmarks.tables`` can tell a difference from
+the run's own noise.
 
 Byte model (op level). GB/s is computed from the *minimum* traffic of the fused op: one read of each
 input tensor and one write of each output tensor, per-channel vectors ignored:
@@ -42,12 +51,13 @@ from torch import nn
 from benchmarks.cases import BlockCase, ConvCase, ModelCase, OpCase
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-GPU_IMPLS = ("eager", "compile", "fastres-triton", "fastres-cuda")
+GPU_IMPLS = ("eager", "compile", "fastres-triton", "fastres-cuda", "fastres-normconv")
 CPU_IMPLS = ("eager", "fastres-torch")
-ALL_IMPLS = ("eager", "compile", "fastres-triton", "fastres-cuda", "fastres-torch")
+ALL_IMPLS = ("eager", "compile", "fastres-triton", "fastres-cuda", "fastres-torch", "fastres-normconv")
 MODES = ("fwd", "bwd", "fwd+bwd", "train_step", "eval")
 RECORD_FIELDS = ("level", "case", "impl", "dtype", "mode", "ms", "gbps", "pct_copy_bw",
-                 "images_per_s", "peak_mem_bytes")
+                 "images_per_s", "peak_mem_bytes", "times_ms")
+TIMES_KEPT = 64  # repeat timings kept per record (order statistics when there were more)
 
 
 class Skip(Exception):
@@ -98,11 +108,21 @@ def env_info(device: torch.device) -> dict:
 
 
 def make_record(level, case, impl, dtype, mode, ms, gbps=None, pct_copy_bw=None, images_per_s=None,
-                peak_mem_bytes=None) -> dict:
+                peak_mem_bytes=None, times_ms=None) -> dict:
     assert mode in MODES, mode
     return {"level": level, "case": case, "impl": impl, "dtype": dtype, "mode": mode,
             "ms": float(ms), "gbps": gbps, "pct_copy_bw": pct_copy_bw,
-            "images_per_s": images_per_s, "peak_mem_bytes": peak_mem_bytes}
+            "images_per_s": images_per_s, "peak_mem_bytes": peak_mem_bytes,
+            "times_ms": None if times_ms is None else kept_times(times_ms)}
+
+
+def kept_times(times, kept: int = TIMES_KEPT) -> list:
+    """The sorted repeat timings (ms, 4 significant figures), thinned to ``kept`` evenly spaced order
+    statistics when there are more: the quantiles survive, the file stays small."""
+    xs = sorted(float(t) for t in times)
+    if len(xs) > kept:
+        xs = [xs[round(i * (len(xs) - 1) / (kept - 1))] for i in range(kept)]
+    return [float(f"{t:.4g}") for t in xs]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,9 +130,10 @@ def make_record(level, case, impl, dtype, mode, ms, gbps=None, pct_copy_bw=None,
 
 
 class Timer:
-    """Median wall time of ``fn()`` in ms, after warm-up.
+    """Wall time of ``fn()`` in ms, after warm-up: ``timer(fn)`` is the median, ``timer.measure(fn)``
+    every timed run.
 
-    CUDA: ``triton.testing.do_bench(return_mode="median")`` (it also flushes L2 before each run), with
+    CUDA: ``triton.testing.do_bench(return_mode="all")`` (it also flushes L2 before each run), with
     ``rep`` raised so that at least ``min_reps`` runs are timed; CUDA events when triton is missing.
     CPU: ``time.perf_counter`` around each call.
     """
@@ -124,6 +145,10 @@ class Timer:
         self.cpu_budget_s, self.cpu_max_reps = cpu_budget_s, cpu_max_reps
 
     def __call__(self, fn: Callable, grad_to_none=None) -> float:
+        return statistics.median(self.measure(fn, grad_to_none))
+
+    def measure(self, fn: Callable, grad_to_none=None) -> list:
+        """The time of every timed run, in ms."""
         if self.device.type == "cuda":
             return self._cuda(fn, grad_to_none)
         return self._cpu(fn, grad_to_none)
@@ -145,8 +170,8 @@ class Timer:
         except Exception:
             do_bench = None
         if do_bench is not None:
-            return float(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
-                                  return_mode="median"))
+            times = do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="all")
+            return [float(t) for t in (times if isinstance(times, (list, tuple)) else [times])]
         n_warmup, n_rep = max(1, int(warmup / estimate)), max(self.min_reps, int(rep / estimate))
         for _ in range(n_warmup):
             fn()
@@ -158,7 +183,7 @@ class Timer:
             fn()
             e.record()
         torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in events)
+        return [s.elapsed_time(e) for s, e in events]
 
     def _cpu(self, fn, grad_to_none):
         fn()  # warm-up
@@ -169,7 +194,7 @@ class Timer:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        return times
 
 
 def _clear_grads(tensors):
@@ -233,7 +258,7 @@ def impl_unavailable(impl: str, device: torch.device) -> Optional[str]:
     if impl == "compile":
         return None if hasattr(torch, "compile") else "torch.compile is missing"
     if impl.startswith("fastres-"):
-        backend = impl.split("-", 1)[1]
+        backend = impl_backend(impl)
         try:
             import fastres
         except Exception as e:
@@ -248,12 +273,37 @@ def impl_unavailable(impl: str, device: torch.device) -> Optional[str]:
     return None
 
 
-def impl_context(impl: str):
-    if impl.startswith("fastres-"):
-        import fastres
+def impl_backend(impl: str) -> str:
+    """The fastres backend a "fastres-*" implementation selects."""
+    name = impl.split("-", 1)[1]
+    return "triton" if name == "normconv" else name
 
-        return fastres.use_backend(impl.split("-", 1)[1])
-    return contextlib.nullcontext()
+
+def impl_applies(impl: str, case) -> bool:
+    """fastres-normconv only where a normconv path exists (residual blocks, whole models)."""
+    return impl != "fastres-normconv" or isinstance(case, (BlockCase, ModelCase))
+
+
+@contextlib.contextmanager
+def impl_context(impl: str, case=None):
+    """The fastres backend of ``impl`` selected and, for blocks and fastres-normconv, the normconv
+    path forced off / on (models keep the shipped table unless fastres-normconv)."""
+    if not impl.startswith("fastres-"):
+        yield
+        return
+    import fastres
+    from fastres.nn import normconv
+
+    mode = normconv.get_normconv()
+    if impl == "fastres-normconv":
+        normconv.set_normconv("on")
+    elif isinstance(case, BlockCase):
+        normconv.set_normconv("off")
+    try:
+        with fastres.use_backend(impl_backend(impl)):
+            yield
+    finally:
+        normconv.set_normconv(mode)
 
 
 def compile_fn(fn, mode: Optional[str]):

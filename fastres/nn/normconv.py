@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from fastres import functional as F
+from fastres import tables as _tables
 from fastres.backend import get_backend, triton_interpreting
 from fastres.nn.batch_norm_act import BatchNormAct2d, exponential_average_factor
 from fastres.ops.norm_conv import bn_act_with_stats
@@ -41,10 +42,10 @@ __all__ = ["NORMCONV_TABLE", "NORMCONV_TABLE_DEVICE", "set_normconv", "get_normc
 NORMCONV = "normconv"
 FALLBACK = "torch-conv+fused-bn"
 
-# (in_channels, out_channels, kernel, stride, dtype name) -> NORMCONV | FALLBACK.
-# Measured on: nothing yet (no session has had a GPU). Missing shapes take FALLBACK.
-NORMCONV_TABLE_DEVICE = "unmeasured"
-NORMCONV_TABLE: dict[tuple[int, int, int, int, str], str] = {}
+# (in_channels, out_channels, kernel, stride, dtype name) -> NORMCONV | FALLBACK. Generated data,
+# fastres/tables/normconv_table.json, written by `python -m benchmarks.tables` from a benchmark run on
+# NORMCONV_TABLE_DEVICE (never edited by hand); nothing measured yet. Missing shapes take FALLBACK.
+NORMCONV_TABLE_DEVICE, NORMCONV_TABLE = _tables.load_normconv_table()
 
 _MODES = ("auto", "on", "off")
 
