@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import fastres
 from fastres.functional import batch_norm_act, bn_fold, bn_fold_train, sync_batch_norm_act
-from dist_helpers import run_distributed
+import sync_checks
 from helpers import assert_rule, eager_batch_norm_act
 
 BACKENDS = ["torch", "triton"]
@@ -101,38 +101,12 @@ def test_sync_fallback_and_bn_fold_check_eps():
 
 
 # --------------------------------------------------------------------------------------------------
-# Two processes (gloo). One spawn for every case; the workers report what each call raised.
-
-
-SYNC_CASES = {
-    # name: (rows on rank 0, rows on rank 1, eps); H = W = 1, so rows = values per channel
-    "global_one_value": (1, 0, 1e-5),
-    "global_one_value_other_rank": (0, 1, 1e-5),
-    "one_value_each": (1, 1, 1e-5),       # global count 2: valid (eager-equal: covered elsewhere)
-    "eps_zero": (2, 2, 0.0),
-}
-
-
-def _sync_error_worker(rank, world_size):
-    out = {}
-    for backend in BACKENDS:
-        with fastres.use_backend(backend):
-            for name, sizes in SYNC_CASES.items():
-                *rows, eps = sizes
-                x = torch.randn(rows[rank], 3, 1, 1, requires_grad=True)
-                rm, rv = torch.zeros(3), torch.ones(3)
-                try:
-                    y = sync_batch_norm_act(x, rm, rv, torch.ones(3), torch.zeros(3), 0.1, eps)
-                    y.sum().backward()
-                    out[(backend, name)] = ("ok", rm, rv)
-                except ValueError as e:
-                    out[(backend, name)] = (str(e), rm, rv)
-    return out
+# Two processes (gloo): tests/sync_checks.py runs every case in one spawn and reports what raised.
 
 
 @pytest.fixture(scope="module")
 def sync_errors():
-    return run_distributed(_sync_error_worker, 2, "gloo")
+    return sync_checks.results()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
