@@ -21,7 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.autograd import gradcheck
+from torch.autograd import gradcheck as _gradcheck
 
 import fastres
 from fastres.functional import batch_norm_act, conv_bias_act, norm_conv
@@ -31,6 +31,13 @@ from helpers import assert_rule, eager_batch_norm_act
 
 ops = torch.ops.fastres
 D = torch.float64
+# fp64 central differences (eps 1e-6) are good to ~1e-9 here; gradcheck's default rtol of 1e-3
+# would let a gradient off by 1e-4 relative pass.
+TOL = dict(atol=1e-7, rtol=1e-6)
+
+
+def gradcheck(fn, inputs, **kw):
+    return _gradcheck(fn, inputs, **TOL, **kw)
 
 
 def _gen(seed):
@@ -82,9 +89,9 @@ def test_gradcheck_batch_norm_stats():
         assert gradcheck(ops.batch_norm_stats, (_leaf(x.contiguous(memory_format=torch.channels_last)),))
 
 
-def _conv_case(seed, dtype=D, prologue=True):
+def _conv_case(seed, dtype=D, prologue=True, n=2):
     g = _gen(seed)
-    x = torch.randn(2, 3, 4, 4, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(n, 3, 4, 4, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
     w = (torch.randn(2, 3, 3, 3, generator=g) * 0.5).to(dtype)
     scale = (torch.rand(3, generator=g) + 0.5).to(dtype) if prologue else None
     shift = torch.randn(3, generator=g).to(dtype) if prologue else None
@@ -209,7 +216,7 @@ def _eager_norm_conv(x, w, scale, shift, stride):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_triton_norm_conv_jacobian(mode):
-    x, w, scale, shift = _conv_case(6, dtype=torch.float32)
+    x, w, scale, shift = _conv_case(6, dtype=torch.float32, n=1)  # 1 image: 12 VJPs
 
     def fused(xx, ww, s, t):
         with fastres.use_backend("triton"), _mode(mode):
@@ -222,10 +229,10 @@ def test_triton_norm_conv_jacobian(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_triton_conv_bias_act_jacobian(mode):
-    x, w, _, _ = _conv_case(7, dtype=torch.float32, prologue=False)
+    x, w, _, _ = _conv_case(7, dtype=torch.float32, prologue=False, n=1)
     g = _gen(8)
     b = torch.randn(2, generator=g)
-    r = torch.randn(2, 2, 2, 2, generator=g).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(1, 2, 2, 2, generator=g).contiguous(memory_format=torch.channels_last)
 
     def fused(xx, ww, bb, rr):
         with fastres.use_backend("triton"), _mode(mode):
@@ -264,8 +271,9 @@ def _sync_pattern_samples():
     ]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("index", range(5))
+# tests/test_batch_norm_act.py opchecks the Triton backend on samples 0, 2 and 3's patterns already.
+@pytest.mark.parametrize("backend,index", [("torch", i) for i in range(5)] +
+                         [("triton", 1), ("triton", 4)])
 def test_opcheck_sync_batch_norm_ops(backend, index):
     op, args = _sync_pattern_samples()[index]
     with fastres.use_backend(backend):
