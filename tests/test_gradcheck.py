@@ -3,7 +3,9 @@
 - torch backend, fp64: ``torch.autograd.gradcheck`` on fastres::batch_norm_act (output y; train and
   eval, with/without ReLU, residual, affine), fastres::batch_norm_stats, fastres::norm_conv_fwd
   (y and its batch statistics, with/without the BN-ReLU prologue), fastres::conv_bias_act, and the
-  SyncBN autograd function across two gloo ranks (tests/sync_checks.py).
+  SyncBN autograd function across two gloo ranks (gradcheck's comparison of central differences
+  and VJPs, rebuilt so that both ranks issue the same collectives even on a mismatch, where
+  gradcheck would stop on one rank and leave the other waiting: tests/sync_checks.py).
 - Triton backend: the kernels refuse fp64 (BN: TypeError; normconv: fp64 runs the torch
   reference), so gradcheck cannot reach them. Instead the full Jacobian of the fp32 Triton op
   (one vector-Jacobian product per output element) is held to the tolerance rule against the fp64
@@ -138,8 +140,8 @@ def sync_results():
 
 
 def test_sync_batch_norm_gradcheck(sync_results):
-    """Across two gloo ranks, fp64, torch backend: one rank gradchecks its output against its own
-    inputs while the other holds its inputs and output gradient fixed (see tests/sync_checks.py)."""
+    """Across two gloo ranks, fp64, torch backend: one rank checks its output's Jacobian against
+    its own inputs while the other holds its inputs and output gradient fixed."""
     for rank, result in enumerate(sync_results):
         for checking_rank in (0, 1):
             assert result[("gradcheck", checking_rank)] == "ok", (rank, checking_rank)
