@@ -10,7 +10,8 @@ import fastres
 from fastres.functional import sync_batch_norm_act
 from dist_helpers import run_distributed
 
-BACKENDS = ["torch", "triton"]
+# Triton on CPU tensors only under the interpreter (the spawned ranks inherit TRITON_INTERPRET).
+BACKENDS = ["torch"] + (["triton"] if fastres.backend.triton_interpreting() else [])
 
 ERROR_CASES = {
     # name: (rows on rank 0, rows on rank 1, eps); H = W = 1, so rows = values per channel

@@ -123,7 +123,8 @@ def test_norm_conv_split_wgrad():
     w = torch.randn(4, 4, 1, 1, generator=g)
     scale, shift = torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
     stats = (y, y.mean((0, 2, 3)), torch.randn(4, generator=g), torch.randn(4, generator=g))
-    config = min(cuda_conv_configs("wgrad"), key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+    config = min(cuda_conv_configs("wgrad"),
+                 key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
 
     def run():
         # A CUDA configuration (BLOCK_K = 64), as a GPU-faithful run takes: 4x fewer loop steps

@@ -21,7 +21,9 @@ from fastres.functional import batch_norm_act, bn_fold, bn_fold_train, sync_batc
 import sync_checks
 from helpers import assert_rule, eager_batch_norm_act
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not fastres.backend.triton_interpreting(),
+    reason="Triton on CPU tensors needs TRITON_INTERPRET=1"))]
 
 
 def _eager_error(fn):
