@@ -156,7 +156,10 @@ def sync_batch_norm_act(
     every rank of ``process_group`` (default: the world group), as ``nn.SyncBatchNorm``: one
     all_gather of the per-rank (count, mean, M2) in the forward, one all_reduce of (Σdy', Σdy'·x̂)
     in the backward, no host synchronisation; per-rank batch sizes may differ (and be empty). The
-    running statistics get the same update on every rank (unbiased with the global count).
+    running statistics get the same update on every rank (unbiased with the global count). One
+    value per channel over the whole group raises ValueError on every rank; checking it reads the
+    global count on the host, but only on a rank holding 0 or 1 values per channel (outside CUDA
+    graph capture and compilation).
 
     Every rank of the group must call it, in the same order. Falls back to the local
     :func:`batch_norm_act` when torch.distributed is not initialised (and no group is given) or the
