@@ -1,8 +1,11 @@
 """The C++/CUDA extension fastres._C and the "cuda" backend.
 
-Without a GPU (CI): the extension is built and imports whenever a CUDA toolkit is present, its four ops
+Without a GPU (CI): the extension is built and imports whenever a CUDA toolkit is present, its seven ops
 are registered with the expected schemas, CPU tensors get a clear error, a missing or broken extension
-never breaks ``import fastres``, and set_backend("cuda") says why it is unavailable.
+never breaks ``import fastres``, and set_backend("cuda") says why it is unavailable. The kernels and
+their host code also run on CPU through the emulator in csrc/emulator/ (built once per source hash):
+against eager's composition and TorchBackend in the GPU's precision class by helpers.assert_rule, with
+launch counts and finalize geometry read from the emulator's launch log.
 With a GPU (``gpu`` marker): the cuda backend against eager and against triton by the tolerance rule on
 the foundation shape families, kernel-level checks against TorchBackend, bitwise determinism.
 """
@@ -28,7 +31,8 @@ from fastres import _toolkit, backend
 from fastres.precision import gpu_faithful
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPS = ("bn_stats_cuda", "bn_apply_cuda", "bn_backward_reduce_cuda", "bn_backward_dx_cuda")
+OPS = ("bn_stats_cuda", "bn_apply_cuda", "bn_backward_reduce_cuda", "bn_backward_dx_cuda",
+       "bn_forward_train_cuda", "bn_forward_eval_cuda", "bn_backward_cuda")
 SCHEMAS = {
     "bn_stats_cuda": "fastres::bn_stats_cuda(Tensor x) -> (Tensor, Tensor)",
     "bn_apply_cuda": "fastres::bn_apply_cuda(Tensor x, Tensor mean, Tensor scale, Tensor shift, "
@@ -39,6 +43,17 @@ SCHEMAS = {
     "bn_backward_dx_cuda": "fastres::bn_backward_dx_cuda(Tensor dy, Tensor x, Tensor mean, "
                            "Tensor scale, Tensor shift, Tensor? residual, bool relu, Tensor a, "
                            "Tensor k, Tensor c, bool need_dres) -> (Tensor, Tensor)",
+    "bn_forward_train_cuda": "fastres::bn_forward_train_cuda(Tensor x, Tensor? weight, Tensor? bias, "
+                             "Tensor? residual, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+                             "Tensor? num_batches_tracked, float momentum, bool cumulative, "
+                             "float eps, bool relu) -> (Tensor, Tensor, Tensor)",
+    "bn_forward_eval_cuda": "fastres::bn_forward_eval_cuda(Tensor x, Tensor? weight, Tensor? bias, "
+                            "Tensor? residual, Tensor running_mean, Tensor running_var, float eps, "
+                            "bool relu) -> (Tensor, Tensor)",
+    "bn_backward_cuda": "fastres::bn_backward_cuda(Tensor dy, Tensor x, Tensor? weight, "
+                        "Tensor? bias, Tensor? residual, Tensor mean, Tensor invstd, bool relu, "
+                        "bool training, bool need_dx, bool need_dres, bool need_dweight, "
+                        "bool need_dbias) -> (Tensor, Tensor, Tensor, Tensor)",
 }
 
 
@@ -93,6 +108,9 @@ def _cpu_args(op):
         "bn_apply_cuda": (x, c, c, c, None, True),
         "bn_backward_reduce_cuda": (x, x, c, c, c, None, True),
         "bn_backward_dx_cuda": (x, x, c, c, c, None, True, c, c, c, False),
+        "bn_forward_train_cuda": (x, None, None, None, None, None, None, 0.1, False, 1e-5, True),
+        "bn_forward_eval_cuda": (x, None, None, None, c, c + 1, 1e-5, True),
+        "bn_backward_cuda": (x, x, None, None, None, c, c, True, True, True, False, False, False),
     }[op]
 
 
@@ -120,7 +138,7 @@ def test_info_says_whether_C_loaded():
     if backend.load_extension() is None:
         assert "not loaded:" in line and len(line) > len("fastres._C: not loaded: ")
     else:
-        assert "loaded from" in line and all(op in line for op in OPS)
+        assert "loaded from" in line and all(op in line for op in OPS[:4])  # info.py lists the four
     assert "auto table measured on: " + backend.AUTO_TABLE_DEVICE in text
 
 
