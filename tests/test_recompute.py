@@ -99,7 +99,7 @@ def _compare(eager, shape, backend, monkeypatch, dtype=torch.float32):
 
 @pytest.mark.parametrize("block,backend,mode", [
     (tv.Bottleneck, "torch", "off"), (tv.BasicBlock, "torch", "off"),
-    (tv.Bottleneck, "triton", "off"), (tv.BasicBlock, "triton", "on")],
+    (tv.Bottleneck, "triton", "off"), (tv.Bottleneck, "triton", "on")],
     ids=lambda v: getattr(v, "__name__", v))
 def test_gradients_equal_the_plain_conversion(block, backend, mode, normconv_mode, monkeypatch):
     normconv_mode(mode)
