@@ -11,6 +11,10 @@ Implementations:
     "fastres-normconv"
                      the Triton backend with the normconv path forced on for every eligible block
                      (blocks and models only: ops and ConvBNAct2d have no normconv path).
+    "fastres-recompute"
+                     models only: ``fastres.convert(model, recompute_block_outputs=True)`` with the
+                     Triton backend, normconv as shipped — the time cost of rebuilding BN-act outputs
+                     in backward instead of keeping them (fastres.nn.recompute).
 
 Every record keeps the repeat timings it was measured from (``times_ms``: the sorted per-run times, or
 TIMES_KEPT evenly spaced order statistics of them), so ``benchmarks.tables`` can tell a difference from
@@ -51,9 +55,11 @@ from torch import nn
 from benchmarks.cases import BlockCase, ConvCase, ModelCase, OpCase
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-GPU_IMPLS = ("eager", "compile", "fastres-triton", "fastres-cuda", "fastres-normconv")
+GPU_IMPLS = ("eager", "compile", "fastres-triton", "fastres-cuda", "fastres-normconv",
+             "fastres-recompute")
 CPU_IMPLS = ("eager", "fastres-torch")
-ALL_IMPLS = ("eager", "compile", "fastres-triton", "fastres-cuda", "fastres-torch", "fastres-normconv")
+ALL_IMPLS = ("eager", "compile", "fastres-triton", "fastres-cuda", "fastres-torch", "fastres-normconv",
+             "fastres-recompute")
 MODES = ("fwd", "bwd", "fwd+bwd", "train_step", "eval")
 RECORD_FIELDS = ("level", "case", "impl", "dtype", "mode", "ms", "gbps", "pct_copy_bw",
                  "images_per_s", "peak_mem_bytes", "times_ms")
@@ -276,11 +282,14 @@ def impl_unavailable(impl: str, device: torch.device) -> Optional[str]:
 def impl_backend(impl: str) -> str:
     """The fastres backend a "fastres-*" implementation selects."""
     name = impl.split("-", 1)[1]
-    return "triton" if name == "normconv" else name
+    return "triton" if name in ("normconv", "recompute") else name
 
 
 def impl_applies(impl: str, case) -> bool:
-    """fastres-normconv only where a normconv path exists (residual blocks, whole models)."""
+    """fastres-normconv only where a normconv path exists (residual blocks, whole models);
+    fastres-recompute only for whole models (a block's output is rebuilt for the next block)."""
+    if impl == "fastres-recompute":
+        return isinstance(case, ModelCase)
     return impl != "fastres-normconv" or isinstance(case, (BlockCase, ModelCase))
 
 
@@ -320,14 +329,18 @@ def has_fastres_module(model: nn.Module) -> bool:
     return any(type(m).__module__.split(".")[0] == "fastres" for m in model.modules())
 
 
-def to_fastres(eager: nn.Module, case) -> nn.Module:
-    """The fastres version of ``eager`` with the same weights; raises Skip when the API is missing."""
+def to_fastres(eager: nn.Module, case, recompute_block_outputs: bool = False) -> nn.Module:
+    """The fastres version of ``eager`` with the same weights; raises Skip when the API is missing.
+    recompute_block_outputs: ``convert``'s opt-in (fastres-recompute)."""
     try:
         import fastres
     except Exception as e:
         raise Skip(f"fastres does not import ({e})")
     if type(eager).__module__.split(".")[0] == "fastres":
-        return fused_twin(eager, case)
+        twin = fused_twin(eager, case)
+        if recompute_block_outputs:
+            fastres.convert(twin, inplace=True, recompute_block_outputs=True)
+        return twin
     if isinstance(case, ConvCase) and hasattr(fastres, "ConvBNAct2d"):
         s = case.spec
         try:
@@ -340,7 +353,11 @@ def to_fastres(eager: nn.Module, case) -> nn.Module:
     convert = getattr(fastres, "convert", None)
     if convert is None:
         raise Skip("fastres.convert is not available in this fastres")
-    model = convert(eager)  # a converted copy sharing nothing with ``eager``
+    try:  # a converted copy sharing nothing with ``eager``
+        model = convert(eager, recompute_block_outputs=True) if recompute_block_outputs \
+            else convert(eager)
+    except TypeError:
+        raise Skip("fastres.convert has no recompute_block_outputs in this fastres")
     if not isinstance(model, nn.Module):
         raise Skip(f"fastres.convert returned {type(model).__name__}, not a module")
     if not has_fastres_module(model):
@@ -521,7 +538,7 @@ def make_impl_model(eager: nn.Module, case, impl: str, compile_mode):
         return eager
     if impl == "compile":
         return compile_fn(eager, compile_mode)
-    return to_fastres(eager, case)
+    return to_fastres(eager, case, recompute_block_outputs=impl == "fastres-recompute")
 
 
 def build_block(case, impl: str, dtype: torch.dtype, device: torch.device,

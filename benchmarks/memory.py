@@ -5,8 +5,9 @@
 
 Counts the bytes autograd saves for backward in one training forward — eager (torchvision), the
 ``fastres.convert`` default path, normconv forced on (``set_normconv("on")``, as
-``FASTRES_NORMCONV=1``) — on fake CUDA tensors (no memory is allocated, so batch 256 at 224² costs a
-few seconds of CPU), with a per-block breakdown. Parameters and their dtype casts (autocast's bf16
+``FASTRES_NORMCONV=1``), and ``fastres.convert(model, recompute_block_outputs=True)`` on the
+default path ("recompute") and with normconv ("recompute+normconv") — on fake CUDA tensors (no
+memory is allocated, so batch 256 at 224² costs a few seconds of CPU), with a per-block breakdown. Parameters and their dtype casts (autocast's bf16
 weights, which do not grow with the batch) are excluded from the activation bytes and reported
 apart. bf16 / fp16 mean autocast with fp32 parameters, channels_last (the benchmark suite's
 set-up). Writes DIR/memory.json and DIR/memory.md when ``--out`` is given.
@@ -24,7 +25,7 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-VARIANTS = ("eager", "default", "normconv")
+VARIANTS = ("eager", "default", "normconv", "recompute", "recompute+normconv")
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "memory")
 
@@ -51,7 +52,7 @@ def _commit() -> str:
 
 
 def measure(model_name: str, batch: int, image_size: int, dtype: torch.dtype) -> dict:
-    """Saved bytes of eager, the default path and normconv for one model and dtype."""
+    """Saved bytes of every variant (VARIANTS) for one model and dtype."""
     import torchvision
 
     import fastres
@@ -61,13 +62,15 @@ def measure(model_name: str, batch: int, image_size: int, dtype: torch.dtype) ->
     torch.manual_seed(0)
     eager = getattr(torchvision.models, model_name)()
     converted = fastres.convert(eager)
+    recomputing = fastres.convert(eager, recompute_block_outputs=True)
     shape = (batch, 3, image_size, image_size)
     reports = {}
     prev = normconv.get_normconv()
     try:
         for variant in VARIANTS:
-            normconv.set_normconv("on" if variant == "normconv" else "off")
-            model = eager if variant == "eager" else converted
+            normconv.set_normconv("on" if variant.endswith("normconv") else "off")
+            model = {"eager": eager, "default": converted, "normconv": converted}.get(
+                variant, recomputing)
             reports[variant] = saved_activation_bytes(model, shape, dtype)
     finally:
         normconv.set_normconv(prev)
@@ -89,20 +92,25 @@ def markdown(results: list, meta: dict) -> str:
              f"Counted by `python -m benchmarks.memory` (fastres.memory: saved-tensor hooks on fake "
              f"CUDA tensors, distinct storages, parameters and their casts excluded) at commit "
              f"{meta['commit']}, torch {meta['torch']}, {meta['date']}.", "",
-             "| model | dtype | batch | image | eager MiB | default MiB | default / eager | "
-             "normconv MiB | normconv / eager |", "|---|---|---|---|---|---|---|---|---|"]
+             "| model | dtype | batch | image | eager MiB | "
+             + " | ".join(f"{n} MiB | {n} / eager" for n in VARIANTS[1:]) + " |",
+             "|---|---|---|---|---|" + "---|---|" * (len(VARIANTS) - 1)]
     for r in results:
         v = r["variants"]
+        cells = [f"{_mib(v[n]['activation_bytes'])} | {v[n]['ratio_vs_eager']:.3f}"
+                 for n in VARIANTS[1:]]
         lines.append(
             f"| {r['model']} | {r['dtype']}{' (autocast)' if r['autocast'] else ''} | "
             f"{r['batch']} | {r['image_size']} | {_mib(v['eager']['activation_bytes'])} | "
-            f"{_mib(v['default']['activation_bytes'])} | {v['default']['ratio_vs_eager']:.3f} | "
-            f"{_mib(v['normconv']['activation_bytes'])} | {v['normconv']['ratio_vs_eager']:.3f} |")
+            + " | ".join(cells) + " |")
+    lines += ["", "recompute: `fastres.convert(model, recompute_block_outputs=True)` — no BN-act "
+                  "output kept for backward, rebuilt there by re-running the same op "
+                  "(fastres.nn.recompute; same gradients bit for bit; its time cost is unmeasured)."]
     for r in results:
         v = r["variants"]
         lines += ["", f"## {r['model']}, {r['dtype']}, batch {r['batch']}, {r['image_size']}²: "
                       "per block (MiB, by the block that produced the tensor)", "",
-                  "| unit | eager | default | normconv |", "|---|---|---|---|"]
+                  "| unit | " + " | ".join(VARIANTS) + " |", "|---" * len(VARIANTS) + "|---|"]
         units = list(dict.fromkeys([u for name in VARIANTS for u in v[name]["by_unit"]]))
         for u in units:
             cells = [_mib(v[name]["by_unit"].get(u, 0)) for name in VARIANTS]
@@ -110,7 +118,7 @@ def markdown(results: list, meta: dict) -> str:
         copies = v["eager"]["parameter_copy_bytes"]
         if copies:
             lines += ["", f"Parameter casts saved by autocast (not counted above, same in all "
-                          f"three): {_mib(copies)} MiB."]
+                          f"variants): {_mib(copies)} MiB."]
     return "\n".join(lines) + "\n"
 
 

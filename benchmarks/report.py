@@ -18,7 +18,7 @@ SCHEMA_RECORD = ("level", "case", "impl", "dtype", "mode", "ms", "gbps", "pct_co
                  "images_per_s", "peak_mem_bytes", "times_ms")
 LEVELS = ("op", "block", "model")
 IMPL_ORDER = ("eager", "compile", "fastres-triton", "fastres-cuda", "fastres-normconv",
-              "fastres-torch")
+              "fastres-recompute", "fastres-torch")
 
 
 def validate(results: dict) -> None:

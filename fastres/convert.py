@@ -17,6 +17,10 @@ a guess; torchvision and timm are never imported here, only looked up if already
   downsample's, for backward's ReLU mask (``BatchNormAct2d.mask_from_output``)
 * the stem's ``nn.MaxPool2d`` of torchvision's / timm's ``ResNet`` -> ``fastres.nn.MaxPool2d``
   (recomputes its argmax in backward instead of keeping int64 indices)
+* opt-in, ``recompute_block_outputs=True``: every ``fastres.BasicBlock`` / ``Bottleneck`` keeps no
+  BN-act output (block output, downsample output, default path's inner activations) for backward
+  and rebuilds them there from the raw conv outputs it keeps anyway (``fastres.nn.recompute``):
+  same gradients bit for bit, one elementwise sweep per stage more in backward
 
 Modules with hooks, BN subclasses (SyncBatchNorm, ...) and other activations are left as they are.
 """
@@ -300,8 +304,20 @@ class _Converter:
                 self.report.left.append((name, type(module).__name__, why))
 
 
+def _recompute_block_outputs(model: nn.Module, report: ConversionReport) -> None:
+    for name, module in model.named_modules():
+        if type(module) in (BasicBlock, Bottleneck):
+            module.recompute_block_outputs = True
+            last = module.bn3 if type(module) is Bottleneck else module.bn2
+            if isinstance(last, BatchNormAct2d):
+                # The residual (downsample output) is rebuilt too: no need to keep the output.
+                last.mask_from_output = False
+            report.converted.append((name, type(module).__name__,
+                                     "recompute_block_outputs (BN-act outputs rebuilt in backward)"))
+
+
 def convert(model: nn.Module, inplace: bool = False, return_report: bool = False,
-            sync_bn: bool = False, process_group=None):
+            sync_bn: bool = False, process_group=None, recompute_block_outputs: bool = False):
     """Return ``model`` with torchvision / timm ResNet blocks and BN → ReLU pairs swapped for fused
     fastres modules sharing the same parameters and buffers (state_dict unchanged, key for key).
 
@@ -310,6 +326,12 @@ def convert(model: nn.Module, inplace: bool = False, return_report: bool = False
     ``nn.SyncBatchNorm.convert_sync_batchnorm``; plain BatchNorm2d that no fused pattern took become
     ``BatchNormAct2d(activation=None)`` so they are synchronised too (BNs with hooks and BN
     subclasses are left, and reported).
+
+    recompute_block_outputs=True (opt-in; training memory): converted torchvision blocks keep
+    no BN-act output for backward — only raw conv outputs, per-channel statistics and each stage's
+    input — and rebuild them in backward by re-running the same fused apply ops (exact: gradients
+    equal the plain conversion's bit for bit; cost: one elementwise sweep over each stage, plus a
+    statistics pass per BN on the default path). ``fastres.nn.recompute`` has the details.
 
     inplace=False converts a deep copy and leaves ``model`` untouched. With ``return_report=True``
     returns ``(model, ConversionReport)``. What was converted and left is logged to the "fastres"
@@ -333,6 +355,8 @@ def convert(model: nn.Module, inplace: bool = False, return_report: bool = False
         converter.synchronise(model, "", group)
     converter.finish(model)
     report = converter.report
+    if recompute_block_outputs:
+        _recompute_block_outputs(model, report)
     log.info("fastres.convert: converted %d modules, left %d", len(report.converted),
              len(report.left))
     if log.isEnabledFor(logging.DEBUG):

@@ -33,6 +33,8 @@ from torch import Tensor, nn
 from fastres import functional as F
 from fastres import tables as _tables
 from fastres.backend import get_backend, triton_interpreting
+from fastres.layout import memory_format
+from fastres.nn import recompute
 from fastres.nn.batch_norm_act import BatchNormAct2d, exponential_average_factor
 from fastres.ops.norm_conv import bn_act_with_stats
 
@@ -183,7 +185,12 @@ def _tail_with_stats(bn: nn.BatchNorm2d, y: Tensor, mean: Tensor, var: Tensor,
     if bn.track_running_stats and bn.running_mean is not None:
         F.update_running_stats(bn.running_mean, bn.running_var, mean.detach(), var.detach(), count,
                                momentum)
-    return bn_act_with_stats(y, mean, var, bn.weight, bn.bias, identity.to(y.dtype), bn.eps, True)
+    # The op would copy an identity in another layout than y's (and keep the copy): copy it here,
+    # so that with recompute_block_outputs the copy is rebuilt in backward too.
+    identity = recompute.contiguous(identity.to(y.dtype), memory_format(y))
+    out = bn_act_with_stats(y, mean, var, bn.weight, bn.bias, identity, bn.eps, True)
+    return recompute.record_bn_act_with_stats(out, y, mean, var, bn.weight, bn.bias, identity,
+                                              bn.eps, True)
 
 
 def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d):
@@ -203,7 +210,8 @@ def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
 
 def _chain(block: nn.Module, x: Tensor) -> Tensor:
     convs, bns = _convs_and_bns(block)
-    identity = x if block.downsample is None else block.downsample(x)  # under autocast, as eager
+    # under autocast, as eager
+    identity = x if block.downsample is None else recompute.downsample(block.downsample, x)
     dtype = _autocast_dtype(x)
     if dtype is None:
         return _chain_in_dtype(block, convs, bns, x, identity, x.dtype)

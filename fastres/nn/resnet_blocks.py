@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 from torch import Tensor, nn
 
+from fastres.nn import recompute
 from fastres.nn.batch_norm_act import BatchNormAct2d, ResidualAct
 from fastres.nn.normconv import maybe_normconv
 
@@ -36,7 +37,7 @@ def norm_relu(norm: nn.Module, relu: nn.Module, x: Tensor, residual: Optional[Te
     """``relu(norm(x) [+ residual])``: one fused op when ``norm`` is a BatchNormAct2d (or the
     ResidualAct left of one by ``fold_bn``)."""
     if isinstance(norm, (BatchNormAct2d, ResidualAct)):
-        out = norm(x, residual)
+        out = recompute.record_batch_norm_act(norm, norm(x, residual), x, residual)
         return out if norm.activation == "relu" else relu(out)
     out = norm(x)
     if residual is not None:
@@ -77,6 +78,9 @@ class BasicBlock(nn.Module):
     """torchvision's BasicBlock: conv3x3 → BN+ReLU → conv3x3 → BN+add+ReLU (fused)."""
 
     expansion: int = 1
+    # Opt-in (``fastres.convert(..., recompute_block_outputs=True)``): keep no BN-act output for
+    # backward, rebuild them there (fastres.nn.recompute).
+    recompute_block_outputs: bool = False
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
@@ -97,10 +101,15 @@ class BasicBlock(nn.Module):
         free_downsample_residual(self)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.recompute_block_outputs:  # opt-in (fastres.nn.recompute)
+            return recompute.block_forward(self, x, BasicBlock._forward)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         fused = maybe_normconv(self, x)  # the normconv path, where selected (fastres.nn.normconv)
         if fused is not None:
             return fused
-        identity = x if self.downsample is None else self.downsample(x)
+        identity = x if self.downsample is None else recompute.downsample(self.downsample, x)
         out = norm_relu(self.bn1, self.relu, self.conv1(x))
         return norm_relu(self.bn2, self.relu, self.conv2(out), identity)
 
@@ -110,6 +119,7 @@ class Bottleneck(nn.Module):
     BN+ReLU → conv1x1 → BN+add+ReLU (fused)."""
 
     expansion: int = 4
+    recompute_block_outputs: bool = False  # as BasicBlock's
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
@@ -129,10 +139,15 @@ class Bottleneck(nn.Module):
         free_downsample_residual(self)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.recompute_block_outputs:  # opt-in (fastres.nn.recompute)
+            return recompute.block_forward(self, x, Bottleneck._forward)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         fused = maybe_normconv(self, x)  # the normconv path, where selected (fastres.nn.normconv)
         if fused is not None:
             return fused
-        identity = x if self.downsample is None else self.downsample(x)
+        identity = x if self.downsample is None else recompute.downsample(self.downsample, x)
         out = norm_relu(self.bn1, self.relu, self.conv1(x))
         out = norm_relu(self.bn2, self.relu, self.conv2(out))
         return norm_relu(self.bn3, self.relu, self.conv3(out), identity)
