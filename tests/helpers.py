@@ -186,20 +186,20 @@ def eager_orders() -> range:
     return range(FP32_ORDERS if gpu_faithful() else 1)
 
 
-def _channel_rows(t: torch.Tensor) -> torch.Tensor:
+def channel_rows(t: torch.Tensor) -> torch.Tensor:
     """[N, C, *spatial] → fp32 [N·spatial, C]."""
     return t.float().movedim(1, -1).reshape(-1, t.shape[1])
 
 
 def fp32_channel_sum(t: torch.Tensor) -> torch.Tensor:
     """Per-channel fp32-accumulated sum of an [N, C, ...] tensor (see ``fp32_sum``)."""
-    return fp32_sum(_channel_rows(t))
+    return fp32_sum(channel_rows(t))
 
 
 def fp32_var_mean(t: torch.Tensor):
     """(biased var, mean) per channel, two-pass, accumulated in fp32 (see ``fp32_sum``)."""
     M = t.numel() // t.shape[1]
-    rows = _channel_rows(t)
+    rows = channel_rows(t)
     mean = fp32_sum(rows) / M
     d = rows - mean
     return fp32_sum(d * d) / M, mean
@@ -307,15 +307,24 @@ def eager_var_mean(y: torch.Tensor):
 # ReLU ties.
 
 
-def relu_ties(z_eager: torch.Tensor, z_ref: torch.Tensor) -> torch.Tensor:
+def relu_ties(z_eager: torch.Tensor, z_ref: torch.Tensor, local: bool = False) -> torch.Tensor:
     """Where a ReLU's mask may legitimately differ between fp64 and a lower-precision result: the
     elements whose fp64 pre-activation z_ref is nonzero but no farther from 0 than the rule lets a
     fused result err (2 · eager's own forward error of z + 1 ulp of max|z_ref|). Each of eager,
     fused and the reference may pass or block the gradient there, and which one does is rounding
-    luck, not a bug. Exact zeros are not ties (every implementation blocks the gradient there)."""
+    luck, not a bug. Exact zeros are not ties (every implementation blocks the gradient there).
+    ``local``: eager's error at each element instead of its largest (2·|z_eager − z_ref| + 1 ulp of
+    |z_ref| there) — for choosing tie-free data where ties cannot be excluded."""
     finite = torch.isfinite(z_ref) & torch.isfinite(z_eager)
     if not finite.any():
         return torch.zeros_like(z_ref, dtype=torch.bool)
+    if local:
+        zr = z_ref.double()
+        spacing = torch.tensor([ulp(v, z_eager.dtype) for v in zr[finite].abs().tolist()],
+                               dtype=torch.float64)
+        bound = torch.zeros_like(zr)
+        bound[finite] = 2 * (z_eager.double() - zr)[finite].abs() + spacing
+        return finite & (zr != 0) & (zr.abs() <= bound)
     err = max_err(z_eager[finite], z_ref[finite])
     bound = 2 * err + ulp(z_ref[finite].double().abs().max().item(), z_eager.dtype)
     zr = z_ref.double()

@@ -181,7 +181,14 @@ def compare_models(fused, eager, inputs, grad_outputs, *, steps=3, train=True, d
         if f[key].dtype in (torch.int64, torch.int32):
             assert torch.equal(f[key], e[key]), f"{what} {key}: {f[key]} vs eager {e[key]}"
         else:
-            assert_rule(f[key], [x[key] for x in es], r[key], name=f"{what} {key}")
+            # Channel by channel: the first step's vectors (dweight, dbias) and the running
+            # statistics. Later steps' gradients and the final parameters are trajectories: each
+            # optimizer step adds its own 1/2-ulp rounding per element, so their per-channel error
+            # is accumulated rounding luck (measured: 2 ulps fused vs 0.07 eager on one channel of
+            # a correct kernel); they are held to the rule as whole tensors.
+            per_channel = f[key].dim() == 1 and (key.startswith("step0.") or "running_" in key)
+            assert_rule(f[key], [x[key] for x in es], r[key], name=f"{what} {key}",
+                        per_channel=per_channel)
     return f, e, r
 
 
