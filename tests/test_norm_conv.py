@@ -37,10 +37,10 @@ def triton_backend():
         yield
 
 
-def assert_rule(name, fused, eager, ref, dtype):
+def assert_rule(name, fused, eager, ref, dtype, **kwargs):
     """The project's tolerance rule (tests/helpers.py); ``eager`` may be a list (eager's precision
     class in several summation orders, GPU-faithful mode)."""
-    helpers.assert_rule(fused, eager, ref, name)
+    helpers.assert_rule(fused, eager, ref, name, **kwargs)
 
 
 def eager_class(fn, *args, **kwargs):
@@ -101,19 +101,19 @@ def test_forward(geometry, dtype, prologue, precision_mode):
     assert y.dtype == dtype and y.shape == ref[0].shape
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert_rule("y", y, [e[0] for e in eager], ref[0], dtype)
-    # The epilogue's statistics accumulate in fp32 on every device (fastres/triton/conv.py), so
-    # their baseline is eager's fp32 class — eager's output's statistics accumulated in fp32, in
-    # every summation order — in both modes (eager on CPU accumulates them in double).
-    stats = []
-    for k in range(helpers.FP32_ORDERS):
-        with helpers.fp32_order(k):
-            stats.append(helpers.fp32_var_mean(eager[0][0]))
-    assert_rule("mean", mean, [s[1] for s in stats], ref[1], dtype)
-    assert_rule("var", var, [s[0] for s in stats], ref[2], dtype)
-    # The epilogue statistics are those of the stored (rounded) output.
+    # The epilogue's statistics are those of the stored (rounded) output y, accumulated as BN's
+    # are (fastres/triton/conv.py, compute_dtype): in double on CPU, in fp32 in GPU-faithful
+    # mode. They are held channel by channel to the BN kernels' baseline — eager's var_mean of
+    # that same y in its precision class, against fp64 — on the stored y itself: the statistics
+    # of eager's own output would carry a second, independent realisation of the conv's
+    # accumulation-order rounding, which no per-channel comparison can ask a kernel to match.
+    stats = eager_class(helpers.eager_var_mean, y)
     var_y, mean_y = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
-    torch.testing.assert_close(mean.double(), mean_y, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(var.double(), var_y, rtol=1e-5, atol=1e-6)
+    assert_rule("mean", mean, [s[1] for s in stats], mean_y, dtype)
+    assert_rule("var", var, [s[0] for s in stats], var_y, dtype)
+    # ... and as a whole against the fp64 statistics of the fp64 output.
+    assert_rule("mean_vs_ref", mean, [e[1] for e in eager], ref[1], dtype, per_channel=False)
+    assert_rule("var_vs_ref", var, [e[2] for e in eager], ref[2], dtype, per_channel=False)
 
 
 def test_prologue_padding_is_zero_after_the_transform():
