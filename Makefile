@@ -22,8 +22,23 @@ install: venv
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	$(PY) -m fastres.info
 
+# The suite is two pytest sessions (tests/conftest.py): the CPU session — everything but the `gpu`
+# tests, Triton under its interpreter — and the GPU session, `-m gpu` (the selection
+# benchmarks/gpu_check.sh runs too). Without a GPU the CPU session is the whole suite; with one,
+# `make test` runs the CPU session with CUDA hidden, then the GPU session, and fails if either does.
+HAS_CUDA = $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null
+
 test: install
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	@if $(HAS_CUDA); then \
+		echo "== CPU session: Triton interpreter, CUDA hidden (CUDA_VISIBLE_DEVICES=) =="; \
+		CUDA_VISIBLE_DEVICES= $(PY) -m pytest tests -m "not gpu" $(PYTEST_ARGS); cpu=$$?; \
+		echo "== GPU session: pytest -m gpu =="; \
+		$(PY) -m pytest tests -m gpu $(PYTEST_ARGS); gpu=$$?; \
+		echo "CPU session rc=$$cpu, GPU session rc=$$gpu"; \
+		[ $$cpu -eq 0 ] && [ $$gpu -eq 0 ]; \
+	else \
+		$(PY) -m pytest tests $(PYTEST_ARGS); \
+	fi
 
 test-gpu: install
 	$(PY) -m pytest tests -m gpu $(PYTEST_ARGS)

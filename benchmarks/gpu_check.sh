@@ -137,7 +137,8 @@ else
     stage build "ok in $((SECONDS - t0))s for sm $ARCH; cuda extension $ext"
 fi
 
-# 2. the gpu tests
+# 2. the gpu tests: the GPU session of `make test` (tests/conftest.py; the CPU session, Triton under
+# its interpreter with CUDA hidden, is `make test`'s other half and does not fit this budget)
 t0=$SECONDS
 timeout -k 10 "$TESTS_S" "$PY" -m pytest tests -m gpu -q -p no:cacheprovider >"$OUT/tests.log" 2>&1
 rc=$?

@@ -5,20 +5,29 @@ import tempfile
 # with another version of fastres's fake kernels.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastres-inductor-"))
 
-# The Triton kernels run on CPU tensors through the interpreter when there is no GPU. This must be set
-# before triton is imported anywhere.
+# Two sessions make up the suite (`make test` runs both on a machine with a GPU):
+#  - the CPU session: no CUDA device visible (a machine without a GPU, or CUDA_VISIBLE_DEVICES= on one
+#    with a GPU). The Triton kernels run on CPU tensors under the interpreter: TRITON_INTERPRET=1 is
+#    set here, before triton is imported anywhere. The `gpu` tests are skipped.
+#  - the GPU session: a CUDA device visible and TRITON_INTERPRET unset. Only the `gpu` tests run
+#    (`-m gpu`); any other test is skipped with the command that runs it (Triton compiles for the
+#    device and cannot take CPU tensors without the interpreter, which would also take CUDA ones).
+_HAS_CUDA = False
 if not os.environ.get("FASTRES_TEST_NO_INTERPRET"):
     try:
         import torch
 
-        _has_cuda = torch.cuda.is_available()
+        _HAS_CUDA = torch.cuda.is_available()
     except Exception:
-        _has_cuda = False
-    if not _has_cuda:
+        _HAS_CUDA = False
+    if not _HAS_CUDA:
         os.environ.setdefault("TRITON_INTERPRET", "1")
+GPU_SESSION = _HAS_CUDA and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 import pytest
 import torch
+
+import fastres.precision
 
 
 def pytest_configure(config):
@@ -27,6 +36,14 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    if GPU_SESSION:
+        skip = pytest.mark.skip(reason=(
+            "CPU-interpreter test: with a GPU visible it runs in the CPU session — `make test`, or "
+            "CUDA_VISIBLE_DEVICES= python -m pytest tests -m 'not gpu'"))
+        for item in items:
+            if "gpu" not in item.keywords:
+                item.add_marker(skip)
+        return
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
@@ -43,3 +60,13 @@ def _restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["cpu", "gpu_faithful"])
+def precision_mode(request):
+    """Runs the test twice: in the default CPU mode (kernels on CPU tensors compute as ATen's CPU
+    kernels do, in double) and in GPU-faithful mode (fastres.precision.gpu_faithful: fp32
+    accumulation and buffers, the CUDA launch configuration at 132 SMs). tests/helpers.py picks the
+    matching baseline for the tolerance rule (eager, or its fp32-accumulating composition)."""
+    with fastres.precision.gpu_faithful(request.param == "gpu_faithful"):
+        yield request.param

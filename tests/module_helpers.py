@@ -1,6 +1,6 @@
-"""Helpers for the module / model tests: run a fused model, its eager twin and an fp64 copy of the
-twin through the same optimizer steps, and hold the fused one to the tolerance rule against the fp64
-copy."""
+"""Helpers for the module / model tests: run a fused model, its eager twin (in eager's precision
+class: tests/helpers.py) and an fp64 copy of the twin through the same optimizer steps in lockstep,
+and hold the fused one to the tolerance rule (helpers.assert_rule) against the fp64 copy."""
 from __future__ import annotations
 
 import contextlib
@@ -9,28 +9,10 @@ import importlib.util
 import os
 
 import torch
+import torch.nn.functional as F
 
 import fastres
-
-try:
-    from helpers import assert_rule  # the foundation's tolerance-rule assert (tests/helpers.py)
-except ImportError:  # pragma: no cover - until tests/helpers.py lands
-    _EPS = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7,
-            torch.float64: 2.0 ** -52}
-
-    def assert_rule(fused, eager, ref, name="", floor_ulps=8):
-        assert fused.shape == eager.shape == ref.shape, f"{name}: shapes differ"
-        assert fused.dtype == eager.dtype, f"{name}: dtype {fused.dtype} vs {eager.dtype}"
-        assert torch.equal(torch.isnan(fused), torch.isnan(eager)), f"{name}: NaNs differ"
-        finite = torch.isfinite(eager) & torch.isfinite(ref)
-        f, e, r = fused[finite].double(), eager[finite].double(), ref[finite].double()
-        if r.numel() == 0:
-            return
-        floor = floor_ulps * _EPS[eager.dtype] * max(r.abs().max().item(), 1e-3)
-        e_f, e_e = (f - r).abs().max().item(), (e - r).abs().max().item()
-        assert e_f <= 2 * e_e + floor, (
-            f"{name}: fused error {e_f:.3g} > 2 × {e_e:.3g} + {floor:.3g}")
-
+from helpers import assert_rule, eager_orders, eager_precision_class, fp32_order, relu_ties
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -45,62 +27,175 @@ def triton_backend_available() -> bool:
 TEST_BACKEND = "triton" if triton_backend_available() else "torch"
 
 
+_torch_relu, _F_relu = torch.relu, F.relu
+
+
+@contextlib.contextmanager
+def relu_sites(model: torch.nn.Module, record: list, masks: dict):
+    """Within the block, every ReLU ``model`` applies is a numbered site (in call order): the
+    explicit ones (F.relu, torch.relu, nn.ReLU — run out of place) record their input (the
+    pre-activation) in ``record``; a fastres BatchNormAct2d with activation "relu" records None (its
+    pre-activation stays inside the kernel). The gradient reaching site k's output is zeroed where
+    ``masks[k]`` (filled in before backward) is True."""
+    from fastres.nn.batch_norm_act import BatchNormAct2d
+
+    inside_fused = [0]
+
+    def site(y, z):
+        k = len(record)
+        record.append(z)
+        if y.requires_grad:
+            y.register_hook(lambda g, k=k: g.masked_fill(masks[k], 0) if k in masks else g)
+
+    def relu(input, inplace=False):
+        y = _torch_relu(input)
+        if not inside_fused[0]:
+            site(y, input.detach().clone())
+        return y
+
+    def pre_hook(module, args):
+        inside_fused[0] += 1
+
+    def post_hook(module, args, output):
+        inside_fused[0] -= 1
+        if module.activation == "relu":
+            site(output, None)
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, BatchNormAct2d):
+            handles += [m.register_forward_pre_hook(pre_hook), m.register_forward_hook(post_hook)]
+    torch.relu, F.relu = relu, relu
+    try:
+        yield
+    finally:
+        torch.relu, F.relu = _torch_relu, _F_relu
+        for h in handles:
+            h.remove()
+
+
+def _cast(t, dtype):
+    return t.detach().to(dtype) if dtype is not None else t.detach().clone()
+
+
+def run_lockstep(models: dict, contexts: dict, inputs, grad_outputs, *, steps=3, train=True,
+                 dtypes: dict, residuals=None, autocast=False, lr=0.05, ties_from=None):
+    """Run ``steps`` SGD-with-momentum steps of every model in ``models`` ({name: module}), step by
+    step together. Returns {name: {key: tensor}}: per step the output and the gradients of the
+    input, the residual and every parameter; at the end every parameter and buffer.
+
+    ``dtypes[name]`` casts that model's inputs (the model itself is cast by the caller);
+    ``contexts[name]()`` is entered around its forward and backward. ``ties_from = (eager, ref)``:
+    the ReLU sites where eager's and the fp64 reference's pre-activations say the mask is a tie
+    (helpers.relu_ties) get a zero gradient in every model — so no gradient depends on how those
+    masks fall, and nothing else is excluded (see relu_sites)."""
+    params = {name: dict(m.named_parameters()) for name, m in models.items()}
+    opts = {name: torch.optim.SGD(p.values(), lr=lr, momentum=0.9) if p else None
+            for name, p in params.items()}
+    out = {name: {} for name in models}
+    for m in models.values():
+        m.train(train)
+    for step in range(steps):
+        ys, args_of, records, masks = {}, {}, {}, {}
+        for name, model in models.items():
+            d = dtypes[name]
+            args = [_cast(inputs[step], d).requires_grad_()]
+            if residuals is not None:
+                args.append(_cast(residuals[step], d).requires_grad_())
+            records[name], masks[name] = [], {}
+            amp = (torch.autocast("cpu", dtype=torch.bfloat16) if autocast and d != torch.float64
+                   else contextlib.nullcontext())
+            with contexts[name](), amp, relu_sites(model, records[name], masks[name]):
+                ys[name] = model(*args)
+            args_of[name] = args
+        if ties_from is not None:
+            e_rec, r_rec = records[ties_from[0]], records[ties_from[1]]
+            assert len(e_rec) == len(r_rec), "eager and its fp64 copy differ in ReLU sites"
+            ties = {k: relu_ties(ze.to(zr.device), zr) for k, (ze, zr) in enumerate(zip(e_rec, r_rec))
+                    if ze is not None and zr is not None}
+            ties = {k: t for k, t in ties.items() if t.any()}
+            if ties:
+                for name in models:
+                    assert len(records[name]) == len(r_rec), (
+                        f"{name}: {len(records[name])} ReLU sites, eager {len(r_rec)}: cannot map "
+                        f"the ReLU ties {sorted(ties)}")
+                    masks[name].update(ties)
+        for name, model in models.items():
+            y, args = ys[name], args_of[name]
+            g = grad_outputs[step].to(y.dtype)
+            targets = args + list(params[name].values())
+            with contexts[name]():
+                grads = torch.autograd.grad(y, targets, g, allow_unused=True)
+            o = out[name]
+            o[f"step{step}.output"] = y.detach()
+            names = ["input", "residual"][:len(args)] + list(params[name])
+            for key, grad in zip(names, grads):
+                if grad is not None:
+                    o[f"step{step}.grad.{key}"] = grad
+            for p, grad in zip(params[name].values(), grads[len(args):]):
+                p.grad = grad
+            if opts[name] is not None and train:
+                opts[name].step()
+    for name, model in models.items():
+        for key, t in list(model.named_parameters()) + list(model.named_buffers()):
+            out[name][f"final.{key}"] = t.detach().clone()
+    return out
+
+
 def run_steps(model, inputs, grad_outputs, *, steps=3, train=True, dtype=None, residuals=None,
               autocast=False, lr=0.05):
-    """Run ``steps`` optimizer steps (SGD with momentum). Returns {name: tensor}: per step the
-    output and the gradients of the input, the residual and every parameter; at the end every
-    parameter and buffer. ``dtype`` casts model and inputs (the fp64 reference uses
-    torch.float64)."""
-    model.train(train)
-    params = dict(model.named_parameters())
-    opt = torch.optim.SGD(params.values(), lr=lr, momentum=0.9) if params else None
-    out = {}
-    for step in range(steps):
-        x = inputs[step].detach()
-        x = (x.to(dtype) if dtype is not None else x.clone()).requires_grad_()
-        args = [x]
-        if residuals is not None:
-            r = residuals[step].detach()
-            args.append((r.to(dtype) if dtype is not None else r.clone()).requires_grad_())
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-        with ctx:
-            y = model(*args)
-        g = grad_outputs[step].to(y.dtype)
-        targets = args + list(params.values())
-        grads = torch.autograd.grad(y, targets, g, allow_unused=True)
-        out[f"step{step}.output"] = y.detach()
-        names = ["input", "residual"][:len(args)] + list(params)
-        for name, grad in zip(names, grads):
-            if grad is not None:
-                out[f"step{step}.grad.{name}"] = grad
-        for p, grad in zip(params.values(), grads[len(args):]):
-            p.grad = grad
-        if opt is not None and train:
-            opt.step()
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        out[f"final.{name}"] = t.detach().clone()
-    return out
+    """One model on its own (see run_lockstep)."""
+    return run_lockstep({"m": model}, {"m": contextlib.nullcontext}, inputs, grad_outputs,
+                        steps=steps, train=train, dtypes={"m": dtype}, residuals=residuals,
+                        autocast=autocast, lr=lr)["m"]
 
 
 def compare_models(fused, eager, inputs, grad_outputs, *, steps=3, train=True, dtype=None,
                    residuals=None, autocast=False, lr=0.05, what=""):
-    """fused and eager (same parameters, same state_dict keys) against an fp64 copy of eager."""
+    """fused and eager (same parameters, same state_dict keys) against an fp64 copy of eager.
+    Eager runs in eager's precision class (helpers.eager_precision_class), in every summation
+    order of helpers.eager_orders (copies of it, from the same start); ReLU ties are handled as
+    run_lockstep says. Returns (fused, eager, reference) results."""
     reference = copy.deepcopy(eager).double()
-    fused, eager = fused, eager
+    orders = list(eager_orders())
+    eagers = [eager] + [copy.deepcopy(eager) for _ in orders[1:]]
     if dtype is not None:
-        fused, eager = fused.to(dtype), eager.to(dtype)
-    kw = dict(steps=steps, train=train, residuals=residuals, lr=lr)
-    r = run_steps(reference, inputs, grad_outputs, dtype=torch.float64, **kw)
-    e = run_steps(eager, inputs, grad_outputs, dtype=dtype, autocast=autocast, **kw)
-    f = run_steps(fused, inputs, grad_outputs, dtype=dtype, autocast=autocast, **kw)
+        fused = fused.to(dtype)
+        eagers = [e.to(dtype) for e in eagers]
+    models = {"ref": reference, "fused": fused}
+    contexts = {"ref": contextlib.nullcontext, "fused": contextlib.nullcontext}
+    dtypes = {"ref": torch.float64, "fused": dtype}
+    for k, e in zip(orders, eagers):
+        models[f"eager{k}"] = e
+        contexts[f"eager{k}"] = lambda k=k: _eager_class(k)
+        dtypes[f"eager{k}"] = dtype
+    res = run_lockstep(models, contexts, inputs, grad_outputs, steps=steps, train=train,
+                       dtypes=dtypes, residuals=residuals, autocast=autocast, lr=lr,
+                       ties_from=("eager0", "ref"))
+    f, r = res["fused"], res["ref"]
+    es = [res[f"eager{k}"] for k in orders]
+    e = es[0]
     assert f.keys() == e.keys() == r.keys(), (
         f"{what}: compared tensors differ: {sorted(set(f) ^ set(e))}")
     for key in f:
         if f[key].dtype in (torch.int64, torch.int32):
             assert torch.equal(f[key], e[key]), f"{what} {key}: {f[key]} vs eager {e[key]}"
         else:
-            assert_rule(f[key], e[key], r[key], name=f"{what} {key}")
+            # Channel by channel: the first step's vectors (dweight, dbias) and the running
+            # statistics. Later steps' gradients and the final parameters are trajectories: each
+            # optimizer step adds its own 1/2-ulp rounding per element, so their per-channel error
+            # is accumulated rounding luck (measured: 2 ulps fused vs 0.07 eager on one channel of
+            # a correct kernel); they are held to the rule as whole tensors.
+            per_channel = f[key].dim() == 1 and (key.startswith("step0.") or "running_" in key)
+            assert_rule(f[key], [x[key] for x in es], r[key], name=f"{what} {key}",
+                        per_channel=per_channel)
     return f, e, r
+
+
+@contextlib.contextmanager
+def _eager_class(k):
+    with eager_precision_class(), fp32_order(k):
+        yield
 
 
 def make_inputs(shape, steps=3, seed=0, channels_last=False, offset=0.0):

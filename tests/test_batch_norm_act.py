@@ -1,6 +1,8 @@
 """fastres.functional.batch_norm_act against eager F.batch_norm (+ residual) (+ ReLU), by the tolerance
-rule: err(fused, fp64) <= 2·err(eager same dtype, fp64) + floor, for the output, every gradient and
-the running statistics. On CPU the Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py)."""
+rule (tests/helpers.py), for the output, every gradient and the running statistics. On CPU the
+Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py); the tests taking ``precision_mode``
+run twice, the second time in GPU-faithful mode (fp32 accumulation, the CUDA launch configuration at
+132 SMs) against eager's fp32-accumulating composition."""
 from __future__ import annotations
 
 import subprocess
@@ -12,7 +14,8 @@ import torch
 import fastres
 import fastres.triton.batch_norm_act as tbn
 from fastres.functional import batch_norm_act
-from helpers import assert_rule, assert_three, make_case, run_three
+from helpers import (assert_rule, assert_three, channel_rows, fp32_sum, make_case,
+                     run_three)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 SHAPES = {
@@ -55,7 +58,7 @@ def _check(shape, dtype, device="cpu", what="", **kw):
 @pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
 @pytest.mark.parametrize("activation", ["relu", None], ids=["relu", "noact"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_fp32_families(backend, shape_name, channels_last, residual, activation, training):
+def test_fp32_families(backend, precision_mode, shape_name, channels_last, residual, activation, training):
     _check(SHAPES[shape_name], torch.float32, channels_last=channels_last, residual=residual,
            activation=activation, training=training)
 
@@ -64,19 +67,19 @@ def test_fp32_families(backend, shape_name, channels_last, residual, activation,
 @pytest.mark.parametrize("shape_name", ["basic", "C_over_block", "NHW_odd"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_half_dtypes(backend, dtype, shape_name, channels_last, training):
+def test_half_dtypes(backend, precision_mode, dtype, shape_name, channels_last, training):
     _check(SHAPES[shape_name], dtype, channels_last=channels_last, residual=True,
            activation="relu", training=training)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_params_in_activation_dtype(backend, dtype):
+def test_params_in_activation_dtype(backend, precision_mode, dtype):
     x, kw = make_case((3, 6, 4, 3), dtype, channels_last=True, residual=True)
     assert_three(run_three(x, **kw, param_dtype=dtype))
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.1, 0.5, 1.0])
-def test_momentum(backend, momentum):
+def test_momentum(backend, precision_mode, momentum):
     _check((3, 5, 2, 3), torch.float32, momentum=momentum)
 
 
@@ -87,29 +90,75 @@ def test_momentum_none_is_rejected_like_eager(backend):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_affine_off(backend, training):
+def test_affine_off(backend, precision_mode, training):
     _check((3, 5, 2, 3), torch.float32, affine=False, residual=True, training=training)
 
 
-def test_running_stats_off(backend):
+def test_running_stats_off(backend, precision_mode):
     _check((3, 5, 2, 3), torch.float32, stats=False, residual=True, training=True)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_large_mean_input(backend, channels_last, dtype):
+def test_large_mean_input(backend, precision_mode, channels_last, dtype):
     """Mean 1e3, std 1: Σx² − (Σx)² would lose every digit; a shifted Chan merge must not."""
     _check((4, 6, 5, 5), dtype, channels_last=channels_last, mean=1e3, std=1.0, residual=True)
 
 
-def test_multi_chunk_and_multi_program_merge(backend, small_tiles):
+class NaiveVariancePartials:
+    """A deliberate bug, injected at run time: the partial-statistics kernel's M2 replaced by
+    Σx² − (Σx)²/n, computed in the kernel's accumulation dtype (fp32 with fp32 accumulation in
+    GPU-faithful mode, fp64 otherwise). Wraps the kernel object the launcher looks up."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, 0
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            launch(*args, **kwargs)
+            a = dict(zip(self.kernel.arg_names, args), **kwargs)
+            x, part_m2 = a["X"], a["PART_M2"]
+            M, C, per = int(a["M"]), int(a["C"]), int(a["rows_per_prog"])
+            G = -(-M // per)
+            assert part_m2.shape in ((G, C), (C, G)) and G != C, "update the bug's injection"
+            rows = channel_rows(x).to(part_m2.dtype)
+            for g in range(G):
+                chunk = rows[g * per:(g + 1) * per]
+                total = fp32_sum if chunk.dtype == torch.float32 else (lambda t: t.sum(0))
+                s1, s2 = total(chunk), total(chunk * chunk)
+                m2 = s2 - s1 * s1 / chunk.shape[0]
+                (part_m2[g] if part_m2.shape == (G, C) else part_m2[:, g]).copy_(m2)
+            self.calls += 1
+
+        return run
+
+
+def test_large_mean_catches_a_naive_variance(backend, precision_mode, monkeypatch):
+    """The large-mean test must be able to fail: with Σx² − (Σx)² injected into the statistics it
+    fails in GPU-faithful mode (fp32 accumulation loses every digit of var = 1 under mean 1e3).
+    In the default CPU mode fp64 accumulation hides the bug — which is why the mode exists."""
+    bug = NaiveVariancePartials(tbn._stats_partial_kernel)
+    monkeypatch.setattr(tbn, "_stats_partial_kernel", bug)
+    x, kw = make_case((4, 6, 5, 5), torch.float32, mean=1e3, std=1.0, residual=True)
+    res = run_three(x, **kw)
+    assert bug.calls > 0, "the injected kernel did not run: update the injection"
+    if precision_mode == "cpu":
+        assert_three(res, "naive variance, fp64 accumulation")
+    else:
+        with pytest.raises(AssertionError, match="fused error"):
+            assert_three(res, "naive variance, fp32 accumulation")
+
+
+def test_multi_chunk_and_multi_program_merge(backend, precision_mode, small_tiles):
     for channels_last in (False, True):
         _check((2, 6, 5, 3), torch.float32, channels_last=channels_last, residual=True,
                mean=50.0, what=f"small tiles, channels_last={channels_last}")
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_nan_inf_propagate_like_eager(backend, small_tiles, channels_last):
+def test_nan_inf_propagate_like_eager(backend, precision_mode, small_tiles, channels_last):
     x, kw = make_case((3, 6, 4, 3), torch.float32, channels_last=channels_last, residual=True)
     x = x.clone()
     x[0, 1, 0, 0] = float("nan")
@@ -129,7 +178,7 @@ def test_relu_keeps_nan_in_eval(backend):
     assert torch.isnan(y[0, 0, 0, 0]) and torch.isfinite(y[0, 0, 1:]).all()
 
 
-def test_non_contiguous_input(backend):
+def test_non_contiguous_input(backend, precision_mode):
     g = torch.Generator().manual_seed(3)
     base = torch.randn(4, 12, 6, 9, generator=g)
     x = base[:, ::2, 1:5, ::2]  # strided in every dimension

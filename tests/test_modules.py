@@ -60,7 +60,7 @@ SHAPE = (3, 4, 5, 6)
 
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("activation,residual", [("relu", True), ("relu", False), (None, False)])
-def test_batch_norm_act2d_matches_batch_norm(train, activation, residual):
+def test_batch_norm_act2d_matches_batch_norm(train, activation, residual, precision_mode):
     fused, eager = bn_pair(SHAPE[1], activation)
     initial_mean = eager.bn.running_mean.clone()
     steps = 3 if train else 1
@@ -81,7 +81,7 @@ def test_batch_norm_act2d_matches_batch_norm(train, activation, residual):
                                 dict(track_running_stats=False), dict(eps=1e-3, momentum=0.3)],
                          ids=["momentum_none", "affine_false", "no_running_stats", "eps_momentum"])
 @pytest.mark.parametrize("train", [True, False])
-def test_batch_norm_act2d_options(kw, train):
+def test_batch_norm_act2d_options(kw, train, precision_mode):
     fused, eager = bn_pair(SHAPE[1], "relu", **kw)
     steps = 3 if train else 1
     xs, rs, gs = (make_inputs(SHAPE, steps, seed=s, offset=1.0) for s in (4, 5, 6))
@@ -89,7 +89,7 @@ def test_batch_norm_act2d_options(kw, train):
     assert fused.bn.state_dict().keys() == eager.bn.state_dict().keys()
 
 
-def test_batch_norm_act2d_channels_last_and_noncontiguous():
+def test_batch_norm_act2d_channels_last_and_noncontiguous(precision_mode):
     fused, eager = bn_pair(SHAPE[1], "relu")
     xs = make_inputs(SHAPE, 3, seed=7, channels_last=True, offset=1.0)
     rs = [r.transpose(2, 3).contiguous().transpose(2, 3) for r in make_inputs(SHAPE, 3, seed=8)]
@@ -177,7 +177,8 @@ def block_pair(kind, inplanes, planes, stride, groups=1, base_width=64, seed=0):
     ("Bottleneck", 4, 4, 2, 2, 64),
 ])
 @pytest.mark.parametrize("train", [True, False])
-def test_blocks_match_torchvision(kind, inplanes, planes, stride, groups, base_width, train):
+def test_blocks_match_torchvision(kind, inplanes, planes, stride, groups, base_width, train,
+                                  precision_mode):
     fused, eager = block_pair(kind, inplanes, planes, stride, groups, base_width)
     out_planes = planes * fused.expansion
     steps = 3 if train else 1
@@ -240,7 +241,7 @@ def test_repr_deepcopy_pickle():
     assert type(pickle.loads(pickle.dumps(conv))) is ConvBNAct2d
 
 
-def test_channels_last_module():
+def test_channels_last_module(precision_mode):
     fused, eager = block_pair("BasicBlock", 4, 8, 2)
     fused = fused.to(memory_format=torch.channels_last)
     eager = eager.to(memory_format=torch.channels_last)
@@ -252,7 +253,7 @@ def test_channels_last_module():
 
 # One step: several SGD steps in fp16/bf16 diverge chaotically from the fp64 reference, eager too.
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_and_bfloat16(dtype):
+def test_half_and_bfloat16(dtype, precision_mode):
     fused, eager = block_pair("Bottleneck", 4, 2, 2)
     xs = make_inputs((2, 4, 6, 6), 1, seed=16)
     gs = make_inputs((2, 8, 3, 3), 1, seed=17)
@@ -261,15 +262,14 @@ def test_half_and_bfloat16(dtype):
     assert fused.bn1.weight.dtype == dtype
 
 
-# In bf16 a block output whose pre-activation is within one bf16 ulp of 0 can flip the ReLU mask
+# In bf16 a block output whose pre-activation is within eager's error of 0 can flip the ReLU mask
 # between eager (which rounds the BN output to bf16 before adding the identity) and the fused op
-# (one rounding), and so pass or drop one element's gradient. The seeds below give data without
-# such a tie (seeds 18/19 have one: eager's bf16 bn2(x) + identity is exactly 0, the fp64
-# reference <= 0, the fused fp32 sum of the same bf16 inputs +7e-5).
-def test_autocast_bfloat16_cpu():
+# (one rounding). compare_models zeroes the gradient at such ties in every model
+# (module_helpers.run_lockstep), so any seed works: 18/19 have one such tie.
+def test_autocast_bfloat16_cpu(precision_mode):
     fused, eager = block_pair("BasicBlock", 4, 8, 2)
-    xs = make_inputs((2, 4, 6, 6), 1, seed=20)
-    gs = make_inputs((2, 8, 3, 3), 1, seed=21)
+    xs = make_inputs((2, 4, 6, 6), 1, seed=18)
+    gs = make_inputs((2, 8, 3, 3), 1, seed=19)
     f, e, _ = compare_models(fused, eager, xs, gs, steps=1, autocast=True, what="autocast")
     assert f["step0.output"].dtype == e["step0.output"].dtype == torch.bfloat16
     assert fused.bn1.weight.dtype == torch.float32

@@ -15,7 +15,9 @@ Kernels (one launcher each):
                 EPILOGUE: + bias[k] [+ residual] [relu] (eval: conv with the folded BN).
                 STATS:    per-output-channel (mean, M2) of each M-tile of the stored (rounded) y,
                           merged in one launch (``merge_partials``: chunks of 64 tiles reduced as a
-                          tree, chunks Chan-merged in fixed order) — deterministic.
+                          tree, chunks Chan-merged in fixed order) — deterministic. Accumulated in
+                          ACC = ``compute_dtype``: fp32 on CUDA (and GPU-faithful CPU runs), fp64
+                          on CPU, as ATen's BN on that device; returned as fp32.
                 1×1 stride-1 layers (plain GEMMs) load x and w through tensor descriptors (TMA)
                 on sm_90+ when Triton has them (``use_tensor_descriptors``), else pointers.
     conv_dgrad  dx[n,h,w,c] = Σ_{r,s,k} dy[n,p,q,k] · w[k,r,s,c] over taps with h = p·σ−π+r·δ;
@@ -26,7 +28,7 @@ Kernels (one launcher each):
                 recomputed from the saved raw x (pass unless round(x·scale+shift) ≤ 0: PyTorch's
                 threshold rule), da' = da·mask, the stored gradient is scale·da' (the gradient wrt
                 x through the affine map), and per-channel tile partial sums Σda', Σda'·x
-                (two-stage, fixed order).
+                (two-stage, fixed order; in ACC, from the unrounded fp32 da).
     conv_wgrad  dw[k,r,s,c] = Σ_{n,p,q} dy[n,p,q,k] · act(x)[n,h,w,c]; the PROLOGUE recomputes
                 act(x) = relu(x·scale + shift) from the saved raw x. Split-K partials are summed in
                 fixed order (no atomics).
@@ -52,7 +54,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastres.precision import cuda_class
+from fastres.precision import compute_dtype, cuda_class
+
+
+_TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 def _interpreting() -> bool:
@@ -255,7 +260,7 @@ def _conv_fwd_kernel(
     R: tl.constexpr, S: tl.constexpr,
     HAS_PROLOGUE: tl.constexpr, HAS_STATS: tl.constexpr, PLAIN_GEMM: tl.constexpr,
     USE_TMA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -318,9 +323,9 @@ def _conv_fwd_kernel(
     y = acc.to(Y.dtype.element_ty)
     tl.store(Y + out_offs, y, mask=out_mask)
     if HAS_STATS:
-        # Statistics of the stored (rounded) output, as eager BN sees it.
-        yf = tl.where(out_mask, y.to(tl.float32), 0.0)
-        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        # Statistics of the stored (rounded) output, as eager BN sees it, accumulated in ACC.
+        yf = tl.where(out_mask, y.to(ACC), 0.0)
+        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(ACC)
         mean = tl.sum(yf, axis=0) / count
         d = tl.where(out_mask, yf - mean[None, :], 0.0)
         m2 = tl.sum(d * d, axis=0)
@@ -352,24 +357,24 @@ def _chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 @triton.jit(do_not_specialize=["T", "total", "rows_per_tile"])
 def _merge_partials_kernel(
     PART_A, PART_B, OUT_A, OUT_B, T, C, total, rows_per_tile,
-    CHAN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    CHAN: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # CHAN: PART_A / PART_B are per-tile (mean, M2) of tiles of rows_per_tile rows (the last one
     # shorter; total rows in all) → OUT_A = mean, OUT_B = biased variance. Else plain sums.
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cols < C
-    n_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    a_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    b_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    n_acc = tl.zeros((BLOCK_C,), dtype=ACC)
+    a_acc = tl.zeros((BLOCK_C,), dtype=ACC)
+    b_acc = tl.zeros((BLOCK_C,), dtype=ACC)
     for t0 in range(0, T, BLOCK_T):
         tiles = t0 + tl.arange(0, BLOCK_T)
         t_ok = tiles < T
         mask = t_ok[:, None] & c_ok[None, :]
         offs = tiles.to(tl.int64)[:, None] * C + cols[None, :]
-        a = tl.load(PART_A + offs, mask=mask, other=0.0)
-        b = tl.load(PART_B + offs, mask=mask, other=0.0)
+        a = tl.load(PART_A + offs, mask=mask, other=0.0).to(ACC)
+        b = tl.load(PART_B + offs, mask=mask, other=0.0).to(ACC)
         if CHAN:
-            rows = tl.minimum(total - tiles * rows_per_tile, rows_per_tile).to(tl.float32)
+            rows = tl.minimum(total - tiles * rows_per_tile, rows_per_tile).to(ACC)
             n = tl.where(mask, rows[:, None], 0.0)
             # The chunk at once (tl.sum: a tree in fixed order): its count, mean and
             # M2 = ΣM2ᵢ + Σnᵢ(meanᵢ − mean)², then Chan-merged into the running result.
@@ -388,16 +393,17 @@ def _merge_partials_kernel(
 
 
 def merge_partials(part_a, part_b, rows_per_tile: int = 0, total: int = 0, chan: bool = False):
-    """One launch over per-tile partials [T, C] (fp32): with ``chan``, per-tile (mean, M2) of tiles
-    of ``rows_per_tile`` rows (``total`` in all) → per-channel (mean, biased var); else the
-    per-channel sums of both. Fixed order, no host sync."""
+    """One launch over per-tile partials [T, C] (fp32, or fp64 where the kernels accumulate in
+    double): with ``chan``, per-tile (mean, M2) of tiles of ``rows_per_tile`` rows (``total`` in
+    all) → per-channel (mean, biased var); else the per-channel sums of both. Accumulates in the
+    partials' dtype, returns fp32. Fixed order, no host sync."""
     T, C = part_a.shape
     out_a = torch.empty(C, dtype=torch.float32, device=part_a.device)
     out_b = torch.empty_like(out_a)
     block_c = min(triton.next_power_of_2(max(C, 1)), 64)
     _merge_partials_kernel[(triton.cdiv(C, block_c),)](
         part_a, part_b, out_a, out_b, T, C, total, rows_per_tile,
-        CHAN=chan, BLOCK_T=MERGE_CHUNK, BLOCK_C=block_c, num_warps=4)
+        CHAN=chan, ACC=_TL_ACC[part_a.dtype], BLOCK_T=MERGE_CHUNK, BLOCK_C=block_c, num_warps=4)
     return out_a, out_b
 
 
@@ -421,7 +427,10 @@ def conv_fwd(x, w, scale, shift, stride, padding, dilation, collect_stats, bias=
     M = N * P * Q
     has_prologue = scale is not None
     tiles = triton.cdiv(M, _min_block_m("fwd")) if collect_stats else 1
-    tile_mean = torch.empty((tiles, K), dtype=torch.float32, device=x.device)
+    # Statistics accumulate as ATen's on the same device: fp64 on CPU, fp32 on CUDA and in
+    # GPU-faithful mode (compute_dtype); the merged mean / var are fp32 either way.
+    acc = compute_dtype(x)
+    tile_mean = torch.empty((tiles, K), dtype=acc, device=x.device)
     tile_m2 = torch.empty_like(tile_mean)
     plain = R == 1 and S == 1 and (sh, sw, ph, pw) == (1, 1, 0, 0)
     x_desc = w_desc = None
@@ -437,7 +446,8 @@ def conv_fwd(x, w, scale, shift, stride, padding, dilation, collect_stats, bias=
         N, H, W_in, C, P, Q, K, sh, sw, ph, pw, dh, dw,
         R=R, S=S, HAS_PROLOGUE=has_prologue, HAS_STATS=collect_stats, PLAIN_GEMM=plain,
         USE_TMA=x_desc is not None, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, RELU=relu, INPUT_PRECISION=input_precision(x.dtype))
+        HAS_RESIDUAL=residual is not None, RELU=relu, INPUT_PRECISION=input_precision(x.dtype),
+        ACC=_TL_ACC[acc])
     if not collect_stats:
         return y, None, None
     # The tile height the autotuner picked decides how many partial rows were written.
@@ -491,7 +501,7 @@ def _conv_dgrad_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, tap_step_h, tap_step_w,
     R: tl.constexpr, S: tl.constexpr,
     HAS_PROLOGUE: tl.constexpr, PLAIN_GEMM: tl.constexpr, HAS_DY_PROLOGUE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # GEMM view: rows = input pixels, columns = input channels C, reduction over (r, s, k).
@@ -553,22 +563,28 @@ def _conv_dgrad_kernel(
     out_mask = m_ok[:, None] & n_ok[None, :]
     out_rows = (img * H + h) * W_in + w
     out_offs = out_rows[:, None] * C + offs_n[None, :]
-    da = acc.to(DX.dtype.element_ty)
     if HAS_PROLOGUE:
-        # Backward of act(x) = relu(x·scale + shift), given da = ∂L/∂act(x) (rounded as eager's).
+        # Backward of act(x) = relu(x·scale + shift), given da = ∂L/∂act(x) in the fp32
+        # accumulator. Unlike eager, which stores da in x's dtype before BN's backward reads it,
+        # da is never rounded here: dx = scale·da' is rounded once, and the per-channel sums take
+        # the exact accumulator values (rounding da to fp16 first costs ~1e-3 relative per
+        # channel, noise that would then dominate the BN's dweight / dbias).
         x = tl.load(X + out_offs, mask=out_mask, other=0.0).to(tl.float32)
         scale = tl.load(SCALE + offs_n, mask=n_ok, other=0.0)
         shift = tl.load(SHIFT + offs_n, mask=n_ok, other=0.0)
         z = (x * scale[None, :] + shift[None, :]).to(DX.dtype.element_ty).to(tl.float32)
         # threshold_backward: the gradient passes unless relu's output is <= 0 (NaN passes).
         keep = (z > 0.0) | (z != z)
-        da_kept = tl.where(keep & out_mask, da.to(tl.float32), 0.0)
+        da_kept = tl.where(keep & out_mask, acc, 0.0)
         tl.store(DX + out_offs, (da_kept * scale[None, :]).to(DX.dtype.element_ty), mask=out_mask)
+        # Per-channel partial sums Σda', Σda'·x in ACC (fp64 on CPU as ATen's BN backward, fp32 on
+        # CUDA), from the unrounded da and the raw x.
         tile = phase * tl.num_programs(0) + pid_m
-        tl.store(TILE_SUM + tile * C + offs_n, tl.sum(da_kept, axis=0), mask=n_ok)
-        tl.store(TILE_SUM_X + tile * C + offs_n, tl.sum(da_kept * x, axis=0), mask=n_ok)
+        da_acc = da_kept.to(ACC)
+        tl.store(TILE_SUM + tile * C + offs_n, tl.sum(da_acc, axis=0), mask=n_ok)
+        tl.store(TILE_SUM_X + tile * C + offs_n, tl.sum(da_acc * x.to(ACC), axis=0), mask=n_ok)
     else:
-        tl.store(DX + out_offs, da, mask=out_mask)
+        tl.store(DX + out_offs, acc.to(DX.dtype.element_ty), mask=out_mask)
 
 
 def dgrad_phases(input_hw, stride):
@@ -592,7 +608,8 @@ def conv_dgrad(dy, w, input_hw, stride, padding, dilation, x=None, scale=None, s
     M = N * per_img  # rows of the largest phase
     has_prologue = scale is not None
     tiles = phases * triton.cdiv(M, _min_block_m("dgrad")) if has_prologue else 1
-    tile_sum = torch.empty((tiles, C), dtype=torch.float32, device=dy.device)
+    acc = compute_dtype(dy)  # the partial sums' precision (see conv_fwd)
+    tile_sum = torch.empty((tiles, C), dtype=acc, device=dy.device)
     tile_sum_x = torch.empty_like(tile_sum)
     plain = R == 1 and S == 1 and (sh, sw, ph, pw) == (1, 1, 0, 0)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),  # noqa: E731
@@ -605,7 +622,7 @@ def conv_dgrad(dy, w, input_hw, stride, padding, dilation, x=None, scale=None, s
         sh // math.gcd(sh, dh), sw // math.gcd(sw, dw),
         R=R, S=S, HAS_PROLOGUE=has_prologue, PLAIN_GEMM=plain,
         HAS_DY_PROLOGUE=dy_stats is not None,
-        INPUT_PRECISION=input_precision(dy.dtype))
+        INPUT_PRECISION=input_precision(dy.dtype), ACC=_TL_ACC[acc])
     if not has_prologue:
         return dx, None, None
     used = phases * triton.cdiv(M, _conv_dgrad_kernel.best_config.kwargs["BLOCK_M"])
