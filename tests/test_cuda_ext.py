@@ -24,7 +24,7 @@ import sys
 import pytest
 import torch
 
-from helpers import FLOOR_EPS, assert_rule, make_case, max_err, run_three
+from helpers import assert_rule, make_case, run_three
 
 import fastres
 from fastres import _toolkit, backend
