@@ -283,19 +283,25 @@ def _opcheck_samples():
     mean, invstd = torch.randn(3, generator=g), torch.rand(3, generator=g) + 0.5
     dy = torch.randn(2, 3, 3, 2, generator=g)
     ops = torch.ops.fastres
+    nbt = torch.tensor(3)
     return [
         (ops.batch_norm_stats.default, (x.clone().requires_grad_(),)),
-        (ops.batch_norm_act.default, (x.clone().requires_grad_(), w.clone().requires_grad_(), b,
-                                      r, rm, rv, True, 1e-5, True)),
-        (ops.batch_norm_act.default, (x.detach().contiguous(), None, None, None, rm, rv, False,
+        # A mutating op (its autograd is BatchNormActFunction): opcheck with plain tensors.
+        (ops.batch_norm_act.default, (x, w, b, r, rm, rv, None, 0.1, True, 1e-5, True)),
+        (ops.batch_norm_act.default, (x, w, b, None, rm, rv, nbt, None, True, 1e-5, True)),
+        (ops.batch_norm_act.default, (x.contiguous(), None, None, None, rm, rv, None, None, False,
                                       1e-3, False)),
+        (ops.batch_norm_act_backward.default, (dy, x, w, b, r, mean, invstd, True, True, True,
+                                               True, True, True)),
+        (ops.batch_norm_act_backward.default, (dy, x, w, None, None, mean, invstd, False, False,
+                                               True, False, True, False)),
         (ops.batch_norm_act_backward_reduce.default, (dy, x, mean, invstd, w, b, r, True)),
         (ops.batch_norm_act_backward_dx.default, (dy, x, mean, invstd, w, b, r, mean * 0.1,
                                                   invstd * 0.1, True, True)),
     ]
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(8))
 def test_opcheck(backend, index):
     op, args = _opcheck_samples()[index]
     torch.library.opcheck(op, args)

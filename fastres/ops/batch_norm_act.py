@@ -1,7 +1,7 @@
 """Fused BatchNorm (+ residual add) (+ ReLU): custom-op schemas, fake and autograd, backend dispatch,
 and the pure-PyTorch reference backend.
 
-Math (per channel c, over the N·H·W elements of that channel):
+Math (per channel c, over the M = N·H·W elements of that channel):
 
     forward   y   = act((x − mean)·scale + shift [+ residual]),  scale = weight·invstd, shift = bias
     backward  dy' = dy · [not (y ≤ 0)]                 (ReLU mask, recomputed from x: PyTorch's rule)
@@ -11,31 +11,46 @@ Math (per channel c, over the N·H·W elements of that channel):
 
 Custom ops (namespace ``fastres``), each with a fake implementation:
 
-    batch_norm_stats(x) -> (mean, m2)                                   per-channel fp32 Welford state
-    batch_norm_act(x, weight?, bias?, residual?, running_mean?, running_var?, training, eps, relu)
-        -> (y, mean, var)                                                autograd registered
-    batch_norm_act_backward_reduce(dy, x, mean, invstd, weight?, bias?, residual?, relu)
-        -> (sum_dy, sum_dy_xhat)
-    batch_norm_act_backward_dx(dy, x, mean, invstd, weight?, bias?, residual?, mean_dy?, mean_dy_xhat?,
-        relu, need_dresidual) -> (dx, dresidual)
+    batch_norm_act(x, weight?, bias?, residual?, running_mean(a!)?, running_var(b!)?,
+                   num_batches_tracked?, momentum: float?, training, eps, relu) -> (y, mean, invstd)
+        Training: the batch's fp32 mean and invstd = 1/sqrt(var + eps); the running statistics are
+        updated IN PLACE with factor f = momentum, or 1/num_batches_tracked read on the device when
+        momentum is None: rm = (1−f)·rm + f·mean, rv = (1−f)·rv + f·var·M/(M−1).
+        Eval: mean is an empty tensor (the running mean is the mean), invstd of the running var.
+    batch_norm_act_backward(dy, x, weight?, bias?, residual?, mean, invstd, relu, training,
+                            need_dx, need_dres, need_dweight, need_dbias)
+        -> (dx, dresidual, dweight, dbias)      (an empty tensor for each one not needed)
+    and, for SyncBN (which all-gathers between the statistics and their use), the kernel-level
+    batch_norm_stats(x) -> (mean, m2), batch_norm_act_backward_reduce and batch_norm_act_backward_dx.
 
-Saved for backward: the BN input x (and the residual when there is a ReLU, to recompute its mask)
-and per-channel fp32 mean and variance — never the normalised or activated tensor. That is
-sizeof(dtype) bytes per element of x — 2 for bf16/fp16, 4 for fp32 — or twice that with residual +
-ReLU (the residual is usually kept alive by the previous block anyway), plus 8 bytes per channel.
-Eager BN + add + ReLU saves the input, the BN output and the ReLU output: 3·sizeof(dtype).
+``batch_norm_act`` mutates its running statistics, so its autograd is an autograd.Function around it
+(``BatchNormActFunction``; torch.compile traces it). Saved for backward: the BN input x (and the
+residual only with a ReLU, to recompute its mask) and per-channel fp32 mean and invstd (in eval the
+running mean itself) — never the normalised or activated tensor: sizeof(dtype) bytes per element of
+x, or twice that with residual + ReLU (the residual is usually kept alive by the previous block
+anyway), plus 8 bytes per channel. Eager BN + add + ReLU saves the input, the BN output and the ReLU
+output: 3·sizeof(dtype). Without a ReLU the residual's gradient is dy itself, handed back uncopied.
 
-Every backend implements four kernel-level functions on validated tensors (``x`` is 4-D and dense in
-NCHW or NHWC order, ``dy`` and ``residual`` in the same order; per-channel tensors are fp32 [C]):
+The backend contract (TorchBackend below, fastres/triton/batch_norm_act.py, fastres/cuda_backend.py),
+on validated tensors (``x`` 4-D and dense in NCHW or NHWC order; dy and residual in the same order):
 
+    forward_train(x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
+                  momentum, eps, relu) -> (y, mean, invstd)    fp32 [C]; running stats in place
+    forward_eval(x, weight, bias, residual, running_mean, running_var, eps, relu) -> (y, invstd)
+    backward(dy, x, weight, bias, residual, mean, invstd, relu, training, need_dx, need_dres,
+             need_dweight, need_dbias) -> (dx, dres, dweight, dbias)   None where not needed;
+             dweight/dbias in weight's/bias's dtype. In eval, mean is the running mean (fp32 or
+             x's dtype; converted to fp32 for backends other than Triton).
     batch_stats(x) -> (mean, m2)                                  fp32, or compute_dtype(x)
     apply(x, mean, scale, shift, residual, relu) -> y             y = act((x − mean)·scale + shift + r)
     backward_reduce(dy, x, mean, scale, shift, residual, relu) -> (Σdy', Σdy'·(x − mean))
     backward_dx(dy, x, mean, scale, shift, residual, relu, a, k, c, need_dres) -> (dx, dres | None)
                                   dx = a·dy' + k·(x − mean) + c; k = c = None (eval): dx = a·dy'
-Elementwise math and the backward sums run in ``compute_dtype(x)``; per-channel coefficients a, k, c
-come in that dtype, mean/scale/shift in fp32 (the values the forward used, so the recomputed ReLU
-mask is the forward's).
+Elementwise math and the backward sums run in ``compute_dtype(x)``.
+
+Full-tensor passes and bytes per element of each Triton kernel: see the byte model in
+fastres/triton/batch_norm_act.py (training step: 3 launches forward, ≤ 3 backward, 7 passes for
+the backward of BN + residual + ReLU with every gradient; eval forward: 1 launch).
 """
 from __future__ import annotations
 
@@ -48,8 +63,9 @@ from fastres.backend import resolve
 from fastres.layout import channel_count, dense, empty_output, is_nhwc, memory_format, per_channel
 from fastres.precision import acc_dtype, compute_dtype
 
-__all__ = ["batch_norm_stats", "batch_norm_act_op", "batch_norm_act_backward_reduce",
-           "batch_norm_act_backward_dx", "TorchBackend",
+__all__ = ["batch_norm_stats", "batch_norm_act_op", "batch_norm_act_backward",
+           "BatchNormActFunction", "batch_norm_act_backward_reduce", "batch_norm_act_backward_dx",
+           "TorchBackend",
            # layout / precision helpers, re-exported for existing callers
            "channel_count", "dense", "empty_output", "is_nhwc", "memory_format", "per_channel",
            "acc_dtype", "compute_dtype"]
@@ -128,9 +144,63 @@ class TorchBackend:
             dres.copy_(g)
         return out, dres
 
+    # The backend contract's three entry points, composed from the four above.
+
+    @classmethod
+    def forward_train(cls, x, weight, bias, residual, running_mean, running_var,
+                      num_batches_tracked, momentum, eps, relu):
+        cd, acc = compute_dtype(x), acc_dtype(x)
+        mean, m2 = cls.batch_stats(x)
+        count = channel_count(x)
+        var = m2.to(cd) / count
+        invstd = (1.0 / torch.sqrt(var + eps)).to(acc)
+        if running_mean is not None:
+            factor = (1.0 / num_batches_tracked.to(cd)) if momentum is None else momentum
+            with torch.no_grad():
+                running_mean.copy_((1.0 - factor) * running_mean.to(cd) + factor * mean.to(cd))
+                running_var.copy_((1.0 - factor) * running_var.to(cd)
+                                  + factor * var * (count / (count - 1)))
+        mean = mean.to(acc)
+        y = cls.apply(x, mean, *_fold(invstd, weight, bias), residual, relu)
+        return y, mean, invstd
+
+    @classmethod
+    def forward_eval(cls, x, weight, bias, residual, running_mean, running_var, eps, relu):
+        cd, acc = compute_dtype(x), acc_dtype(x)
+        invstd = (1.0 / torch.sqrt(running_var.to(cd) + eps)).to(acc)
+        y = cls.apply(x, running_mean.to(acc), *_fold(invstd, weight, bias), residual, relu)
+        return y, invstd
+
+    @classmethod
+    def backward(cls, dy, x, weight, bias, residual, mean, invstd, relu, training, need_dx,
+                 need_dres, need_dweight, need_dbias):
+        cd, acc = compute_dtype(x), acc_dtype(x)
+        mean, invstd = mean.to(acc), invstd.to(acc)
+        scale, shift = _fold(invstd, weight, bias)
+        need_dres = need_dres and residual is not None
+        dx = dres = dweight = dbias = k = c = None
+        if (training and need_dx) or need_dweight or need_dbias:
+            sum_dy, sum_dy_xc = cls.backward_reduce(dy, x, mean, scale, shift, residual, relu)
+            sum_dy_xhat = sum_dy_xc.to(cd) * invstd.to(cd)
+            if need_dweight and weight is not None:
+                dweight = sum_dy_xhat.to(weight.dtype)
+            if need_dbias and bias is not None:
+                dbias = sum_dy.to(bias.dtype)
+        a = scale.to(cd)
+        if training and need_dx:
+            count = channel_count(x)
+            k = -a * invstd.to(cd) * (sum_dy_xhat / count)
+            c = -a * (sum_dy.to(cd) / count)
+        if need_dx or need_dres:
+            dx, dres = cls.backward_dx(dy, x, mean, scale, shift, residual, relu, a, k, c,
+                                       need_dres)
+        return (dx if need_dx else None), dres, dweight, dbias
+
 
 def _backend_for(x: Tensor, op: str):
     name = resolve(x.device, op, tuple(x.shape))
+    if name == "aten":  # "auto" on CPU, reached below functional (e.g. by SyncBN): the reference
+        name = "torch"
     if name != "torch" and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"fastres backend {name!r} supports float32, float16 and bfloat16, got "
                         f"{x.dtype}; use backend 'torch' for it")
@@ -189,7 +259,12 @@ def _stats_backward(ctx, dmean, dm2):
 batch_norm_stats.register_autograd(_stats_backward, setup_context=_stats_setup_context)
 
 
-@torch.library.custom_op("fastres::batch_norm_act", mutates_args=())
+def _no_tensor(x: Tensor) -> Tensor:
+    """What an op returns in place of a tensor it was not asked for."""
+    return x.new_empty((0,))
+
+
+@torch.library.custom_op("fastres::batch_norm_act", mutates_args=("running_mean", "running_var"))
 def batch_norm_act_op(
     x: Tensor,
     weight: Optional[Tensor],
@@ -197,36 +272,88 @@ def batch_norm_act_op(
     residual: Optional[Tensor],
     running_mean: Optional[Tensor],
     running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float],
     training: bool,
     eps: float,
     relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """y = act(BN(x) [+ residual]); returns (y, mean, var) — the fp32 per-channel statistics used:
-    the batch's (biased variance) in training, the running ones otherwise."""
+    """y = act(BN(x) [+ residual]); returns (y, mean, invstd), fp32 per channel. Training: the
+    batch's statistics, and the running ones updated in place (momentum, or momentum=None:
+    1/num_batches_tracked, read on the device). Eval: mean is empty (the running mean is used)."""
     x, residual = _prepare(x, residual)
+    acc = acc_dtype(x)
+    if x.numel() == 0:  # eager leaves the running statistics alone
+        if training:
+            nan = torch.full((x.shape[1],), float("nan"), dtype=acc, device=x.device)
+            return empty_output(x), nan, nan.clone()
+        invstd = torch.rsqrt(running_var.to(acc) + eps)
+        return empty_output(x), x.new_empty((0,), dtype=acc), invstd
+    backend = _backend_for(x, "batch_norm_act")
     if training:
-        if channel_count(x) == 0:
-            mean, m2 = batch_norm_stats(x)
-            return empty_output(x), mean, m2
-        backend = _backend_for(x, "stats")
-        mean, m2 = backend.batch_stats(x)
-        # Rounded to fp32 once, from the backend's accumulation precision.
-        var = (m2.to(compute_dtype(x)) / channel_count(x)).to(acc_dtype(x))
-        mean = mean.to(acc_dtype(x))
-    else:
-        mean = running_mean.to(acc_dtype(x), copy=True)
-        var = running_var.to(acc_dtype(x), copy=True)
-    invstd = torch.rsqrt(var + eps)
-    scale, shift = _fold(invstd, weight, bias)
-    if x.numel() == 0:
-        return empty_output(x), mean, var
-    y = _backend_for(x, "apply").apply(x, mean, scale, shift, residual, relu)
-    return y, mean, var
+        return backend.forward_train(x, weight, bias, residual, running_mean, running_var,
+                                     num_batches_tracked, momentum, eps, relu)
+    y, invstd = backend.forward_eval(x, weight, bias, residual, running_mean, running_var, eps,
+                                     relu)
+    return y, x.new_empty((0,), dtype=acc), invstd
 
 
 @batch_norm_act_op.register_fake
-def _(x, weight, bias, residual, running_mean, running_var, training, eps, relu):
-    return empty_output(x), per_channel(x), per_channel(x)
+def _(x, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum,
+      training, eps, relu):
+    mean = per_channel(x) if training else x.new_empty((0,), dtype=acc_dtype(x))
+    return empty_output(x), mean, per_channel(x)
+
+
+def _backward_flags(weight, bias, residual, need_dres, need_dweight, need_dbias):
+    return (bool(need_dres and residual is not None), bool(need_dweight and weight is not None),
+            bool(need_dbias and bias is not None))
+
+
+@torch.library.custom_op("fastres::batch_norm_act_backward", mutates_args=())
+def batch_norm_act_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    mean: Tensor,
+    invstd: Tensor,
+    relu: bool,
+    training: bool,
+    need_dx: bool,
+    need_dres: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dresidual = dy', dweight, dbias) of fastres::batch_norm_act; an empty tensor for each
+    one not needed. mean: the batch mean (training) or the running mean (eval)."""
+    x, dy, residual = _prepare(x, dy, residual)
+    need_dres, need_dweight, need_dbias = _backward_flags(weight, bias, residual, need_dres,
+                                                          need_dweight, need_dbias)
+    if x.numel() == 0:
+        return (empty_output(x) if need_dx else _no_tensor(x),
+                empty_output(x) if need_dres else _no_tensor(x),
+                torch.zeros_like(weight) if need_dweight else _no_tensor(x),
+                torch.zeros_like(bias) if need_dbias else _no_tensor(x))
+    backend = _backend_for(x, "batch_norm_act_backward")
+    if backend.name != "triton" and mean.dtype != acc_dtype(x):
+        mean = mean.to(acc_dtype(x))  # eval with running statistics in x's dtype
+    dx, dres, dweight, dbias = backend.backward(
+        dy, x, weight, bias, residual, mean, invstd, relu, training, need_dx, need_dres,
+        need_dweight, need_dbias)
+    return tuple(_no_tensor(x) if t is None else t for t in (dx, dres, dweight, dbias))
+
+
+@batch_norm_act_backward.register_fake
+def _(dy, x, weight, bias, residual, mean, invstd, relu, training, need_dx, need_dres,
+      need_dweight, need_dbias):
+    need_dres, need_dweight, need_dbias = _backward_flags(weight, bias, residual, need_dres,
+                                                          need_dweight, need_dbias)
+    return (empty_output(x) if need_dx else _no_tensor(x),
+            empty_output(x) if need_dres else _no_tensor(x),
+            torch.empty_like(weight) if need_dweight else _no_tensor(x),
+            torch.empty_like(bias) if need_dbias else _no_tensor(x))
 
 
 @torch.library.custom_op("fastres::batch_norm_act_backward_reduce", mutates_args=())
@@ -299,45 +426,40 @@ def _(dy, x, mean, invstd, weight, bias, residual, mean_dy, mean_dy_xhat, relu, 
 
 
 # --------------------------------------------------------------------------------------------------
-# Autograd for fastres::batch_norm_act.
+# Autograd for fastres::batch_norm_act (a mutating op: an autograd.Function, not register_autograd).
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, running_mean, running_var, training, eps, relu = inputs
-    _, mean, var = output
-    fmt = memory_format(x)
-    # The residual is only needed to recompute the ReLU mask.
-    saved_residual = dense(residual, fmt) if (residual is not None and relu) else None
-    ctx.save_for_backward(dense(x, fmt), weight, bias, saved_residual, mean, var)
-    ctx.training, ctx.eps, ctx.relu = training, eps, relu
-    ctx.has_residual = residual is not None
+class BatchNormActFunction(torch.autograd.Function):
+    """(y, mean, invstd) = fastres::batch_norm_act(...); gradients flow to x, weight, bias and
+    residual. Saves x, the residual only with a ReLU, mean (eval: the running mean) and invstd."""
 
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
+                momentum, training, eps, relu):
+        x, residual = _prepare(x, residual)
+        y, mean, invstd = batch_norm_act_op(x, weight, bias, residual, running_mean, running_var,
+                                            num_batches_tracked, momentum, training, eps, relu)
+        ctx.save_for_backward(x, weight, bias, residual if relu else None,
+                              mean if training else running_mean, invstd)
+        ctx.training, ctx.relu, ctx.has_residual = training, relu, residual is not None
+        ctx.mark_non_differentiable(mean, invstd)
+        return y, mean, invstd
 
-def _backward(ctx, dy, _dmean, _dvar):
-    x, weight, bias, residual, mean, var = ctx.saved_tensors
-    need_dx, need_dw, need_db, need_dres = ctx.needs_input_grad[:4]
-    invstd = torch.rsqrt(var + ctx.eps)
-    dy = dense(dy, memory_format(x))
-    sum_dy = sum_dy_xhat = None
-    if ctx.training or need_dw or need_db:
-        sum_dy, sum_dy_xhat = batch_norm_act_backward_reduce(
-            dy, x, mean, invstd, weight, bias, residual, ctx.relu)
-    dx = dres = None
-    if need_dx or need_dres:
-        mean_dy = mean_dy_xhat = None
-        if ctx.training:
-            m = max(channel_count(x), 1)
-            mean_dy, mean_dy_xhat = sum_dy / m, sum_dy_xhat / m
-        dx, dres = batch_norm_act_backward_dx(
-            dy, x, mean, invstd, weight, bias, residual, mean_dy, mean_dy_xhat, ctx.relu,
-            bool(need_dres and ctx.has_residual))
-        if not need_dx:
-            dx = None
-        if not (need_dres and ctx.has_residual):
-            dres = None
-    dw = sum_dy_xhat.to(weight.dtype) if (need_dw and weight is not None) else None
-    db = sum_dy.to(bias.dtype) if (need_db and bias is not None) else None
-    return dx, dw, db, dres, None, None, None, None, None
-
-
-batch_norm_act_op.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dinvstd):
+        x, weight, bias, residual, mean, invstd = ctx.saved_tensors
+        need_dx, need_dw, need_db, need_dres = ctx.needs_input_grad[:4]
+        need_dw, need_db = need_dw and weight is not None, need_db and bias is not None
+        need_dres = need_dres and ctx.has_residual
+        dy = dense(dy, memory_format(x))
+        dx = dres = dw = db = None
+        # Without a ReLU the residual's gradient is dy itself: handed back, not copied.
+        masked_dres = need_dres and ctx.relu
+        if need_dx or masked_dres or need_dw or need_db:
+            dx, dres, dw, db = batch_norm_act_backward(
+                dy, x, weight, bias, residual, mean, invstd, ctx.relu, ctx.training, need_dx,
+                masked_dres, need_dw, need_db)
+        if need_dres and not ctx.relu:
+            dres = dy
+        return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
+                dres if need_dres else None, None, None, None, None, None, None, None)
