@@ -406,3 +406,81 @@ def test_bf16_output_rounds_to_nearest_even(backend):
     y = tbn.apply(x, mean, scale, shift, None, False)
     expect = (x.float() * 1.37 + 0.01).to(torch.bfloat16)
     assert torch.equal(y, expect)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch and ATen-op counts of a BatchNormAct2d step on the CUDA code path (GPU-faithful mode).
+# Self-contained on purpose (tests/counting.py may replace it). Triton launches are counted at
+# KernelInterface.__getitem__ (the `kernel[grid]` of every launcher); ATen ops with the profiler,
+# which, unlike a TorchDispatchMode, also sees the ops run inside fastres's custom ops.
+
+# Allocations, views and metadata: not compute.
+NOT_COMPUTE = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty",
+               "aten::new_empty_strided", "aten::view", "aten::_unsafe_view", "aten::as_strided",
+               "aten::alias", "aten::detach", "aten::lift_fresh", "aten::resolve_conj",
+               "aten::resolve_neg", "aten::contiguous", "aten::is_same_size"}
+
+
+class _Counts:
+    def __init__(self):
+        self.launches, self.aten = [], []
+
+
+def _count(fn, monkeypatch):
+    import triton.runtime.jit as triton_jit
+
+    counts = _Counts()
+    original = triton_jit.KernelInterface.__getitem__
+
+    def getitem(kernel, grid):
+        name = getattr(kernel, "__name__", repr(kernel))
+        counts.launches.append(name)
+        launch = original(kernel, grid)
+
+        def run(*args, **kwargs):
+            # The interpreter moves arguments with ATen ops of its own: a launch is one op.
+            with torch.profiler.record_function("triton::" + name):
+                return launch(*args, **kwargs)
+        return run
+
+    for cls in {type(tbn._apply_kernel), triton_jit.KernelInterface}:
+        monkeypatch.setattr(cls, "__getitem__", getitem, raising=False)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    monkeypatch.undo()
+    def top_level(event):  # not inside a launch, nor inside another ATen op
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith(("triton::", "aten::")):
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    counts.aten = [e.name for e in prof.events()
+                   if e.name.startswith("aten::") and e.name not in NOT_COMPUTE and top_level(e)]
+    return out, counts
+
+
+@pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
+def test_module_step_launch_counts(residual, monkeypatch):
+    """Training: 3 launches forward (stats partials, finalize + running update, apply) and 3
+    backward (reduce, finalize, dx); eval forward: 1. No ATen compute op besides the module's own
+    num_batches_tracked += 1 (momentum=None: the kernel reads the count)."""
+    from fastres import BatchNormAct2d
+    from fastres.precision import gpu_faithful
+
+    with gpu_faithful(), fastres.use_backend("triton"):
+        bn = BatchNormAct2d(6, momentum=None)
+        x = torch.randn(2, 6, 3, 4).to(memory_format=torch.channels_last).requires_grad_()
+        r = torch.randn_like(x).requires_grad_() if residual else None
+        grad = torch.randn_like(x)
+        y, fwd = _count(lambda: bn(x, r), monkeypatch)
+        inputs = [x, bn.weight, bn.bias] + ([r] if residual else [])
+        _, bwd = _count(lambda: torch.autograd.grad(y, inputs, grad), monkeypatch)
+        bn.eval()
+        with torch.no_grad():
+            _, ev = _count(lambda: bn(x, r), monkeypatch)
+    assert len(fwd.launches) == 3, fwd.launches
+    assert fwd.aten == ["aten::add_"], fwd.aten  # num_batches_tracked += 1, as eager
+    assert len(bwd.launches) == 3 and bwd.aten == [], (bwd.launches, bwd.aten)
+    assert len(ev.launches) == 1 and ev.aten == [], (ev.launches, ev.aten)

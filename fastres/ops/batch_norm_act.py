@@ -443,6 +443,7 @@ class BatchNormActFunction(torch.autograd.Function):
                               mean if training else running_mean, invstd)
         ctx.training, ctx.relu, ctx.has_residual = training, relu, residual is not None
         ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)  # no zero-filled grads for mean and invstd
         return y, mean, invstd
 
     @staticmethod
@@ -451,8 +452,10 @@ class BatchNormActFunction(torch.autograd.Function):
         need_dx, need_dw, need_db, need_dres = ctx.needs_input_grad[:4]
         need_dw, need_db = need_dw and weight is not None, need_db and bias is not None
         need_dres = need_dres and ctx.has_residual
-        dy = dense(dy, memory_format(x))
         dx = dres = dw = db = None
+        if dy is None:
+            return (None,) * 11
+        dy = dense(dy, memory_format(x))
         # Without a ReLU the residual's gradient is dy itself: handed back, not copied.
         masked_dres = need_dres and ctx.relu
         if need_dx or masked_dres or need_dw or need_db:
