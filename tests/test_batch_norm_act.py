@@ -484,3 +484,49 @@ def test_module_step_launch_counts(residual, monkeypatch):
     assert fwd.aten == ["aten::add_"], fwd.aten  # num_batches_tracked += 1, as eager
     assert len(bwd.launches) == 3 and bwd.aten == [], (bwd.launches, bwd.aten)
     assert len(ev.launches) == 1 and ev.aten == [], (ev.launches, ev.aten)
+
+
+def test_geometry_parallel_finalize_and_readme_table():
+    """At every ResNet-50 BN shape (batch 256, CUDA geometry): ≤ 64 partials per channel, a finalize
+    spread over many programs, and benchmarks/README.md shows the table this code computes."""
+    import pathlib
+
+    from fastres.precision import gpu_faithful
+
+    with gpu_faithful():
+        for nhwc in (True, False):
+            for C, hw in tbn.RESNET50_BN_SHAPES:
+                side = int(round(hw ** 0.5))
+                p = tbn.plan((256, C, side, side), nhwc, torch.device("cpu"))
+                assert p.G <= tbn.MAX_PARTIALS and p.block_g <= tbn.MAX_PARTIALS
+                assert p.finalize_grid[0] >= 32, (C, hw, nhwc, p)
+                assert p.reduce_grid[0] * p.reduce_grid[1] >= 2 * 132 - 64, (C, hw, nhwc, p)
+    readme = (pathlib.Path(__file__).parent.parent / "benchmarks" / "README.md").read_text()
+    for nhwc in (True, False):
+        assert tbn.geometry_table(256, nhwc) in readme
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_auto_on_cpu_is_eager_bitwise(momentum):
+    """"auto" on CPU tensors runs eager's own ops: output, every gradient and the running statistics
+    bit-identical to nn.BatchNorm2d + add + ReLU."""
+    from torch import nn
+
+    from fastres import BatchNormAct2d
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 5, 5, generator=g).to(memory_format=torch.channels_last)
+    r, dy = torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)
+    eager, fused = nn.BatchNorm2d(4, momentum=momentum), BatchNormAct2d(4, momentum=momentum)
+    results = []
+    with fastres.use_backend("auto"):
+        for fn in (lambda a, b: torch.relu(eager(a) + b), fused):
+            outs = []
+            for _ in range(2):
+                xx, rr = x.clone().requires_grad_(), r.clone().requires_grad_()
+                y = fn(xx, rr)
+                m = eager if fn is not fused else fused
+                outs += [y, *torch.autograd.grad(y, (xx, rr, m.weight, m.bias), dy)]
+            results.append(outs + [m.running_mean, m.running_var])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -418,9 +418,9 @@ def launch_config(M: int, C: int, nhwc: bool, device: torch.device) -> dict:
     target = 4 * sm_count(device)
     if nhwc:
         # The widest channel block (≤ 64, ≥ 16: 32-byte sectors in bf16) whose ≤ MAX_PARTIALS row
-        # splits still give about `target` reduction programs: narrow C gets narrower blocks.
+        # splits still give ≥ 2 reduction programs per SM: narrow C gets narrower blocks.
         block_c = min(triton.next_power_of_2(C), 64)
-        while block_c > 16 and triton.cdiv(C, block_c) * MAX_PARTIALS < target:
+        while block_c > 16 and triton.cdiv(C, block_c) * MAX_PARTIALS < target // 2:
             block_c //= 2
         block_r = max(4096 // block_c, 32)
     else:
