@@ -465,6 +465,44 @@ def test_mask_from_output_same_results_saves_the_output(backend_name, dtype, res
         assert torch.equal(a.nan_to_num(7.0), b_.nan_to_num(7.0))
 
 
+def test_mask_from_output_on_a_backend_without_it(monkeypatch):
+    """A backend without ``supports_mask_from_output`` (the CUDA extension): forward saves the
+    residual as without the flag; the backward op, handed y anyway, masks with ATen and runs the
+    backend without a ReLU — the same gradients."""
+    import types
+
+    import fastres.ops.batch_norm_act as bn_ops
+
+    plain = types.SimpleNamespace(
+        name="plain", backward=lambda *a: bn_ops.TorchBackend.backward(*a))  # no mask_from_output
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4)
+    res, dy = torch.randn_like(x), torch.randn_like(x)
+    res[:, 0, 0] = 0.0
+    w, b = torch.rand(3) + 0.5, torch.zeros(3)
+    w[0] = 0.0
+    with fastres.use_backend("torch"):
+        y, mean, invstd = bn_ops.batch_norm_act_op(x, w, b, res, None, None, None, 0.1, True,
+                                                    1e-5, True)
+        expect = bn_ops.batch_norm_act_backward(dy, x, w, b, res, mean, invstd, True, True, True,
+                                                True, True, True)
+        monkeypatch.setattr(bn_ops, "_backend_for", lambda x, op: plain)
+        got = bn_ops.batch_norm_act_backward(dy, x, w, b, y, mean, invstd, True, True, True, True,
+                                             True, True, True)
+    for e, g in zip(expect, got):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    assert expect[1][:, 0, 0].eq(0).all()  # the masked zeros are there to be checked
+    # Forward-time choice: "cuda" (named, or picked by auto's table on a CUDA tensor) saves the
+    # residual; every other backend the output.
+    cuda_x = torch.empty(2, 3, 4, 4, device="meta")
+    monkeypatch.setattr(bn_ops, "get_backend", lambda: "cuda")
+    assert not bn_ops.backend_masks_from_output(x)
+    monkeypatch.setattr(bn_ops, "get_backend", lambda: "auto")
+    assert bn_ops.backend_masks_from_output(x) and bn_ops.backend_masks_from_output(cuda_x)
+    monkeypatch.setattr(bn_ops, "get_backend", lambda: "triton")
+    assert bn_ops.backend_masks_from_output(x)
+
+
 # --------------------------------------------------------------------------------------------------
 # Launch and ATen-op counts of a BatchNormAct2d step on the CUDA code path (GPU-faithful mode),
 # counted by fastres.testing.counting (tests/test_counting.py asserts the issue's targets with the
