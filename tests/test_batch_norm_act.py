@@ -295,13 +295,16 @@ def _opcheck_samples():
                                                True, True, True)),
         (ops.batch_norm_act_backward.default, (dy, x, w, None, None, mean, invstd, False, False,
                                                True, False, True, False)),
+        # mask_from_output: the residual slot holds the output y
+        (ops.batch_norm_act_backward.default, (dy, x, w, b, torch.relu(r), mean, invstd, True,
+                                               True, True, True, True, True, True)),
         (ops.batch_norm_act_backward_reduce.default, (dy, x, mean, invstd, w, b, r, True)),
         (ops.batch_norm_act_backward_dx.default, (dy, x, mean, invstd, w, b, r, mean * 0.1,
                                                   invstd * 0.1, True, True)),
     ]
 
 
-@pytest.mark.parametrize("index", range(8))
+@pytest.mark.parametrize("index", range(9))
 def test_opcheck(backend, index):
     op, args = _opcheck_samples()[index]
     torch.library.opcheck(op, args)
