@@ -1,7 +1,8 @@
 """Gradients of every differentiable fastres custom op, checked against finite differences.
 
-- torch backend, fp64: ``torch.autograd.gradcheck`` on fastres::batch_norm_act (output y; train and
-  eval, with/without ReLU, residual, affine), fastres::batch_norm_stats, fastres::norm_conv_fwd
+- torch backend, fp64: ``torch.autograd.gradcheck`` on fastres::batch_norm_act (through its
+  autograd.Function; output y; train and eval, with/without ReLU, residual, affine, and with
+  mask_from_output), fastres::batch_norm_stats, fastres::norm_conv_fwd
   (y and its batch statistics, with/without the BN-ReLU prologue), fastres::conv_bias_act, and the
   SyncBN autograd function across two gloo ranks (gradcheck's comparison of central differences
   and VJPs, rebuilt so that both ranks issue the same collectives even on a mismatch, where
@@ -27,6 +28,7 @@ from torch.autograd import gradcheck as _gradcheck
 
 import fastres
 from fastres.functional import batch_norm_act, conv_bias_act, norm_conv
+from fastres.ops.batch_norm_act import BatchNormActFunction
 from fastres.precision import gpu_faithful
 import sync_checks
 from helpers import assert_rule, eager_batch_norm_act
@@ -58,11 +60,13 @@ def _leaf(t, grad=True):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("relu,residual,affine", [(True, True, True), (False, False, True),
-                                                  (True, False, False)],
-                         ids=["res_relu", "plain", "noaffine_relu"])
+@pytest.mark.parametrize("relu,residual,affine,mask_from_output",
+                         [(True, True, True, False), (True, True, True, True),
+                          (False, False, True, False), (True, False, False, False)],
+                         ids=["res_relu", "res_relu_mask_from_output", "plain", "noaffine_relu"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_gradcheck_batch_norm_act(training, relu, residual, affine, channels_last):
+def test_gradcheck_batch_norm_act(training, relu, residual, affine, mask_from_output,
+                                  channels_last):
     g = _gen(0)
     x = torch.randn(3, 2, 2, 2, generator=g, dtype=D)
     if channels_last:
@@ -79,10 +83,12 @@ def test_gradcheck_batch_norm_act(training, relu, residual, affine, channels_las
         xx = args.pop(0)
         ww, bb = (args.pop(0), args.pop(0)) if affine else (None, None)
         rr = args.pop(0) if residual else None
-        # y only: the op's mean/var outputs carry no gradient (the functional API never exposes
-        # them; batch_norm_stats is the differentiable statistics op).
-        return ops.batch_norm_act(xx, ww, bb, rr, None if training else rm,
-                                  None if training else rv, training, 1e-5, relu)[0]
+        # y only: the op's mean/invstd outputs carry no gradient (the functional API never exposes
+        # them; batch_norm_stats is the differentiable statistics op). fastres::batch_norm_act
+        # mutates its running statistics, so its autograd is BatchNormActFunction.
+        return BatchNormActFunction.apply(xx, ww, bb, rr, None if training else rm.clone(),
+                                          None if training else rv.clone(), None, 0.1, training,
+                                          1e-5, relu, mask_from_output)[0]
 
     with fastres.use_backend("torch"):
         assert gradcheck(f, inputs)
@@ -272,8 +278,8 @@ def _sync_pattern_samples():
     # x, weight, bias, residual; backward: local sums, then dx from the global means.
     return [
         (ops.batch_norm_stats.default, (_leaf(x),)),
-        (ops.batch_norm_act.default, (_leaf(x), _leaf(w), _leaf(b), _leaf(r), mean, var, False,
-                                      1e-5, True)),
+        # (inside SyncBatchNormActFunction.forward: plain tensors, the op's autograd is not used)
+        (ops.batch_norm_act.default, (x, w, b, r, mean, var, None, None, False, 1e-5, True)),
         (ops.batch_norm_act_backward_reduce.default, (dy, x, mean, invstd, w, b, r, True)),
         (ops.batch_norm_act_backward_dx.default, (dy, x, mean, invstd, w, b, r, mean * 0.01,
                                                   invstd * 0.01, True, True)),

@@ -188,7 +188,10 @@ def _tail_with_stats(bn: nn.BatchNorm2d, y: Tensor, mean: Tensor, var: Tensor,
     # The op would copy an identity in another layout than y's (and keep the copy): copy it here,
     # so that with recompute_block_outputs the copy is rebuilt in backward too.
     identity = recompute.contiguous(identity.to(y.dtype), memory_format(y))
-    out = bn_act_with_stats(y, mean, var, bn.weight, bn.bias, identity, bn.eps, True)
+    # mask_from_output (a downsample block, see free_downsample_residual): keep the output, not
+    # the downsample's output, for backward's ReLU mask (the forward values do not depend on it).
+    out = bn_act_with_stats(y, mean, var, bn.weight, bn.bias, identity, bn.eps, True,
+                            bool(getattr(bn, "mask_from_output", False)))[0]
     return recompute.record_bn_act_with_stats(out, y, mean, var, bn.weight, bn.bias, identity,
                                               bn.eps, True)
 

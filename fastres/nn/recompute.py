@@ -215,7 +215,7 @@ def record_bn_act_with_stats(out: Tensor, x, mean, var, weight, bias, residual, 
 
 
 def _bn_act_with_stats_again(x, mean, var, weight, bias, residual, eps, relu):
-    return bn_act_with_stats(x, mean, var, weight, bias, residual, eps, relu)
+    return bn_act_with_stats(x, mean, var, weight, bias, residual, eps, relu)[0]
 
 
 def _contiguous_again(fmt, t):
