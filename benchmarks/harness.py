@@ -27,7 +27,9 @@ import math
 import os
 import platform
 import statistics
+import json
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -556,3 +558,110 @@ BUILDERS = {OpCase: build_op, ConvCase: build_block, BlockCase: build_block, Mod
 
 def build(case, impl, dtype, device, compile_mode=None) -> dict:
     return BUILDERS[type(case)](case, impl, dtype, device, compile_mode)
+
+
+# --------------------------------------------------------------------------------------------------
+# Actual traffic (op level): the bytes the fastres Triton kernels really load and store, counted on
+# CPU by the instrumented interpreter (fastres.testing.counting) in GPU-faithful mode, next to the
+# ideal minimum of ``op_bytes``.
+
+TRAFFIC_HEIGHT = TRAFFIC_WIDTH = 8  # the small counting shape: batch 2, the case's C, 8×8 pixels
+TRAFFIC_BATCH = 2
+
+_TRAFFIC_SCRIPT = r"""
+import json, sys
+import torch
+import fastres
+from fastres.precision import gpu_faithful
+from fastres.testing.counting import count_kernels
+out = {}
+for channels, residual, activation, dtype_name in json.loads(sys.argv[1]):
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    shape = (%(batch)d, channels, %(height)d, %(width)d)
+    x = torch.randn(shape, dtype=dtype).to(memory_format=torch.channels_last).requires_grad_()
+    res = torch.randn_like(x).requires_grad_() if residual else None
+    weight = torch.ones(channels, requires_grad=True)
+    bias = torch.zeros(channels, requires_grad=True)
+    rm, rv = torch.zeros(channels), torch.ones(channels)
+    with fastres.use_backend("triton"), gpu_faithful():
+        with count_kernels(aten=False) as fwd:
+            y = fastres.functional.batch_norm_act(x, rm, rv, weight, bias, True, 0.1, 1e-5,
+                                                  residual=res, activation=activation)
+        with count_kernels(aten=False) as bwd:
+            y.backward(torch.randn_like(y))
+    n = x.numel()
+    key = f"{channels},{int(residual)},{activation},{dtype_name}"
+    out[key] = {"fwd": fwd.moved / n, "bwd": bwd.moved / n,
+                "kernels": {m: {k.name: [k.loaded / n, k.stored / n] for k in c.kernels.values()}
+                            for m, c in (("fwd", fwd), ("bwd", bwd))}}
+print(json.dumps(out))
+""" % dict(batch=TRAFFIC_BATCH, height=TRAFFIC_HEIGHT, width=TRAFFIC_WIDTH)
+
+
+def counted_traffic(cases, dtypes) -> dict:
+    """{(BNSpec, dtype name): {"fwd": bytes/element, "bwd": bytes/element, "kernels": ...}} for the op
+    cases, counted in one subprocess (TRITON_INTERPRET=1 must be set before triton is imported, so
+    not in a benchmark process). Per-channel vectors and partials are included at the small
+    counting shape, where they weigh more per element than at the case's own size."""
+    keys = sorted({(c.spec.channels, bool(c.spec.residual), c.spec.activation, d)
+                   for c in cases for d in dtypes}, key=str)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _TRAFFIC_SCRIPT, json.dumps(keys)], cwd=root,
+                          env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"traffic counting failed:\n{proc.stderr[-3000:]}")
+    raw = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = {}
+    for c in cases:
+        for d in dtypes:
+            out[(c.spec, d)] = raw[f"{c.spec.channels},{int(bool(c.spec.residual))},"
+                                   f"{c.spec.activation},{d}"]
+    return out
+
+
+def traffic_rows(cases, dtypes, times_ms: Optional[dict] = None) -> list[dict]:
+    """Per op case, dtype and mode: ideal bytes (``op_bytes``), actual bytes (counted, scaled per
+    element to the case's size), actual / ideal, and the effective GB/s on both where ``times_ms``
+    has a GPU time for (case name, dtype name, mode) — else "unmeasured"."""
+    counted = counted_traffic(cases, dtypes)
+    rows = []
+    for c in cases:
+        for d in dtypes:
+            ideal = op_bytes(c, DTYPES[d])
+            per_elt = counted[(c.spec, d)]
+            for mode in ("fwd", "bwd"):
+                actual = int(round(per_elt[mode] * math.prod(c.shape)))
+                ms = (times_ms or {}).get((c.name, d, mode))
+                rows.append({"case": c.name, "dtype": d, "mode": mode, "ideal_bytes": ideal[mode],
+                             "actual_bytes": actual, "ratio": actual / ideal[mode],
+                             "gbps_ideal": ideal[mode] / (ms * 1e-3) / 1e9 if ms else "unmeasured",
+                             "gbps_actual": actual / (ms * 1e-3) / 1e9 if ms else "unmeasured",
+                             "kernels": per_elt["kernels"][mode]})
+    return rows
+
+
+def format_traffic(rows) -> str:
+    lines = [f"{'case':28s} {'dtype':9s} {'mode':4s} {'ideal MB':>10s} {'actual MB':>10s} "
+             f"{'actual/ideal':>12s} {'GB/s ideal':>11s} {'GB/s actual':>11s}"]
+    for r in rows:
+        gi, ga = (f"{r[k]:.0f}" if isinstance(r[k], float) else r[k]
+                  for k in ("gbps_ideal", "gbps_actual"))
+        lines.append(f"{r['case']:28s} {r['dtype']:9s} {r['mode']:4s} "
+                     f"{r['ideal_bytes'] / 1e6:>10.1f} {r['actual_bytes'] / 1e6:>10.1f} "
+                     f"{r['ratio']:>12.2f} {gi:>11s} {ga:>11s}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from benchmarks import cases as _cases
+
+    parser = argparse.ArgumentParser(description="Actual (counted) vs ideal traffic of the BN-act op "
+                                     "cases; GB/s only where a GPU time exists (none here).")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--dtype", default="bfloat16,float32")
+    args = parser.parse_args()
+    print(format_traffic(traffic_rows(_cases.op_cases(args.batch), args.dtype.split(","))))
