@@ -1,7 +1,7 @@
 """Ahead-of-time compile report of every Triton kernel fastres's launchers request — no GPU needed.
 
     python tools/kernel_report.py [--arch 90,80] [--dtype bf16,fp32] [--only bn,conv] [--quick]
-                                  [--layout nhwc,nchw] [--select REGEX] [--kernel REGEX]
+                                  [--layout nhwc,nchw] [--select REGEX] [--compile-only REGEX]
 
 ``--only bn --quick`` (one ResNet-50 shape, with a residual, both layouts) is the BN-act subset
 that compiles in about a minute.
@@ -378,16 +378,17 @@ def compile_spec(spec: Spec) -> Row:
 
 
 def report(archs=ARCHS, dtypes=DTYPES, only=("bn", "conv"), quick=False, select=None,
-           progress=None, layouts=LAYOUTS, kernels: Optional[str] = None) -> list[Row]:
+           progress=None, layouts=LAYOUTS, compile_only: Optional[str] = None) -> list[Row]:
     """Capture (subprocess) and compile every specialisation; the rows in a stable order. Call it
     from a process whose Triton kernels are not interpreted (it unsets TRITON_INTERPRET; the
-    kernels it compiles are imported here, so import fastres after that if at all). ``kernels``: a
-    regular expression the kernel name must match (re.search) to be compiled."""
+    kernels it compiles are imported here, so import fastres after that if at all). ``compile_only``:
+    a regular expression that "kernel dtype scenario" must match (re.search) to be compiled, e.g.
+    '_partial_kernel' or '_kernel bf16 bn nhwc'."""
     os.environ.pop("TRITON_INTERPRET", None)
     specs = capture_in_subprocess(archs, dtypes, set(only), quick, select, layouts)
     rows = []
     for spec in sorted(specs, key=lambda s: (s.module, s.name, s.dtype, s.scenario, -s.arch)):
-        if kernels is not None and not re.search(kernels, spec.name):
+        if compile_only and not re.search(compile_only, f"{spec.name} {spec.dtype} {spec.scenario}"):
             continue
         rows.append(compile_spec(spec))
         if progress:
@@ -424,7 +425,8 @@ def main(argv=None) -> int:
     parser.add_argument("--select", help="regular expression on the scenario labels")
     parser.add_argument("--layout", default=",".join(LAYOUTS),
                         help="memory formats of the BN-act scenarios: nhwc,nchw")
-    parser.add_argument("--kernel", help="regular expression on the kernel names to compile")
+    parser.add_argument("--compile-only", help="regular expression on 'kernel dtype scenario' of "
+                        "the specialisations to compile, e.g. '_partial_kernel'")
     parser.add_argument("--capture-to", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",")]
@@ -445,7 +447,7 @@ def main(argv=None) -> int:
     print(HEADER, flush=True)
     rows = report(archs, dtypes, only, args.quick, args.select,
                   progress=lambda r: print(format_row(r), flush=True),
-                  layouts=args.layout.split(","), kernels=args.kernel)
+                  layouts=args.layout.split(","), compile_only=args.compile_only)
     over = [r for r in rows if r.over_smem]
     spills = [r for r in rows if r.spill and not r.over_smem]
     print(f"# {len(rows)} compiles; over the shared-memory limit: {len(over)}; "
