@@ -443,7 +443,9 @@ def launch_config(M: int, C: int, nhwc: bool, device: torch.device) -> dict:
     # elements per thread and step keep them within 64 registers per thread (4+ CTAs of 8 warps
     # per SM), counted by tools/kernel_report.py for bf16 and fp32 on sm_90 and sm_80. NCHW takes
     # 2: when H·W is not a multiple of 16 its rows are addressed one by one (an int64 division
-    # per element), and 4 elements with 3 stages took up to 107 registers on sm_80.
+    # per element), and 4 elements with 3 stages took up to 107 registers on sm_80. There, in
+    # bf16, the 2-byte accesses stay unpipelined (cp.async copies at least 4 bytes and Triton only
+    # proves alignment for multiples of 16): ResNet-50's 14×14 and 7×7 layers in NCHW.
     reduce_elems, stages = (1024, 4) if nhwc else (512, 3)
     return dict(BLOCK_R=block_r, BLOCK_C=block_c, target_programs=target,
                 num_warps=8 if block_r * block_c >= 4096 else 4,
