@@ -36,9 +36,11 @@ def backend(request):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Force several chunks per program and several programs per channel block."""
+    """Force several chunks per program and several programs per channel block; the reductions
+    step over 2 rows at a time, pipelined (the interpreter runs tl.range's num_stages as a loop)."""
     def config(M, C, nhwc, device):
-        return dict(BLOCK_R=4, BLOCK_C=4, target_programs=6, num_warps=1)
+        return dict(BLOCK_R=4, BLOCK_C=4, target_programs=6, num_warps=1, REDUCE_BLOCK_R=2,
+                    reduce_num_warps=1, reduce_num_stages=3)
     monkeypatch.setattr(tbn, "launch_config", config)
 
 

@@ -2,8 +2,9 @@
 with its launcher's own specialisation, within the shared-memory limit, without spills, with wgmma
 on sm_90 for the conv MMA kernels, 128-bit accesses in the NHWC elementwise kernels.
 
-The fast tests compile (sm_90): the BN-act kernels of one bf16 BatchNormAct2d step with a residual,
-and the conv configurations with the largest shared-memory footprint in fp32 (TF32). The slow test
+The fast tests compile (sm_90): the BN-act kernels of one bf16 NHWC BatchNormAct2d step with a
+residual (ResNet-50's 64×56×56 at batch 256) and its reduction kernels also in fp32 and NCHW, and the
+conv configurations with the largest shared-memory footprint in fp32 (TF32). The slow test
 compiles every conv configuration for sm_90 and sm_80 in fp32 (the dtype with the largest tiles).
 Kernel names below are those of the current kernels; a rewrite updates them here.
 """
@@ -61,7 +62,9 @@ def _run_report(*args) -> list:
 
 @pytest.fixture(scope="module")
 def bn_rows():
-    return _run_report("archs=(90,)", "dtypes=('bf16',)", "only=('bn',)", "quick=True")
+    # Every kernel of the bf16 NHWC step; the reductions also in fp32 and NCHW.
+    return _run_report("archs=(90,)", "dtypes=('bf16', 'fp32')", "only=('bn',)", "quick=True",
+                       "compile_only=r'_partial_kernel|_kernel bf16 bn nhwc'")
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +84,22 @@ def test_bn_kernels_compile_without_spills(bn_rows):
 
 def test_bn_elementwise_kernels_use_128_bit_accesses(bn_rows):
     for r in bn_rows:
-        if r.kernel in BN_ELEMENTWISE:
+        if r.kernel in BN_ELEMENTWISE and "IS_NHWC" in r.variant.split():
             assert r.ld_bits and max(r.ld_bits) == 128, r
             assert r.st_bits and max(r.st_bits) == 128, r
 
 
-@pytest.mark.xfail(strict=True, reason="current reductions use 97-109 registers (issue 13, item 5)")
-def test_bn_reductions_register_budget(bn_rows):
-    over = [(r.kernel, r.regs) for r in bn_rows
-            if r.kernel in BN_REDUCTIONS and r.regs > BN_REGISTER_BUDGET]
+def test_bn_reductions_register_budget_and_pipelining(bn_rows):
+    """<= 64 registers per thread, loads pipelined through shared memory (cp.async), both layouts
+    and dtypes (the full ResNet-50 set, and sm_80: tools/kernel_report.py --only bn)."""
+    reductions = [r for r in bn_rows if r.kernel in BN_REDUCTIONS]
+    assert {("IS_NHWC" in r.variant.split(), r.dtype) for r in reductions} == {
+        (nhwc, dtype) for nhwc in (True, False) for dtype in ("bf16", "fp32")}
+    over = [(r.kernel, r.variant, r.dtype, r.regs) for r in reductions
+            if r.regs > BN_REGISTER_BUDGET]
     assert not over
+    unpipelined = [(r.kernel, r.variant, r.dtype) for r in reductions if not r.async_copies]
+    assert not unpipelined
 
 
 def _check_conv(rows):

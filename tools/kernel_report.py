@@ -1,12 +1,16 @@
 """Ahead-of-time compile report of every Triton kernel fastres's launchers request — no GPU needed.
 
     python tools/kernel_report.py [--arch 90,80] [--dtype bf16,fp32] [--only bn,conv] [--quick]
+                                  [--layout nhwc,nchw] [--select REGEX] [--compile-only REGEX]
+
+``--only bn --quick`` (one ResNet-50 shape, with a residual, both layouts) is the BN-act subset
+that compiles in about a minute.
 
 How the specialisation is obtained (not duplicated by hand):
 
 1. Capture. A subprocess with ``TRITON_INTERPRET=1`` and GPU-faithful mode (``fastres.precision``:
    the CUDA launch branch, fp32 accumulation, 132 SMs) runs the public ops — a ``BatchNormAct2d``
-   training step (forward, backward) and eval step, and the ``fastres::norm_conv_*`` /
+   training step (forward, backward) and eval step in channels_last (NHWC) and contiguous (NCHW), and the ``fastres::norm_conv_*`` /
    ``conv_bias_act`` ops under ``pinned_config`` for every entry of ``cuda_conv_configs(kind)`` — at
    ResNet-50 shapes (batch 256) on uninitialised CPU tensors, with
    ``fastres.testing.counting.capture_launches``: every launch is recorded with the arguments the
@@ -52,6 +56,7 @@ if ROOT not in sys.path:
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 ARCHS = (90, 80)
 DTYPES = ("bf16", "fp32")
+LAYOUTS = ("nhwc", "nchw")  # of the BN-act scenarios
 
 # ResNet-50 at batch 256: the BN shapes (N, C, H, W) and the conv shapes
 # (N, C, H, W, K, R, stride, padding).
@@ -86,15 +91,16 @@ class Spec:
                 self.options)
 
 
-def _scenarios(dtype_name: str, only: set, quick: bool, select: Optional[str] = None):
+def _scenarios(dtype_name: str, only: set, quick: bool, select: Optional[str] = None,
+               layouts: Iterable[str] = LAYOUTS):
     """(label, callable) pairs; each callable runs public ops at ResNet-50 shapes. ``select``: a
-    regular expression the label must match (re.search)."""
-    for label, run in _all_scenarios(dtype_name, only, quick):
+    regular expression the label must match (re.search); ``layouts``: the BN-act memory formats."""
+    for label, run in _all_scenarios(dtype_name, only, quick, tuple(layouts)):
         if select is None or re.search(select, label):
             yield label, run
 
 
-def _all_scenarios(dtype_name: str, only: set, quick: bool):
+def _all_scenarios(dtype_name: str, only: set, quick: bool, layouts=LAYOUTS):
     import torch
 
     import fastres
@@ -103,11 +109,12 @@ def _all_scenarios(dtype_name: str, only: set, quick: bool):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     cl = torch.channels_last
 
-    def bn_step(shape, residual, mask_from_output=False):
+    def bn_step(shape, residual, layout, mask_from_output=False):
         def run():
             module = fastres.BatchNormAct2d(shape[1])
             module.mask_from_output = mask_from_output  # backward's mask from the saved output
-            x = torch.empty(shape, dtype=dtype).to(memory_format=cl).requires_grad_()
+            memory_format = cl if layout == "nhwc" else torch.contiguous_format
+            x = torch.empty(shape, dtype=dtype).to(memory_format=memory_format).requires_grad_()
             res = torch.empty_like(x).requires_grad_() if residual else None
             y = module(x, res) if residual else module(x)
             y.backward(torch.empty_like(y))
@@ -118,11 +125,14 @@ def _all_scenarios(dtype_name: str, only: set, quick: bool):
 
     if "bn" in only:
         shapes = BN_SHAPES[1:2] if quick else BN_SHAPES
-        for shape in shapes:
-            for residual in ((True,) if quick else (False, True)):
-                yield f"bn {shape} residual={residual}", bn_step(shape, residual)
-            if not quick:
-                yield f"bn {shape} residual=outmask", bn_step(shape, True, True)
+        for layout in layouts:
+            for shape in shapes:
+                for residual in ((True,) if quick else (False, True)):
+                    yield (f"bn {layout} {shape} residual={residual}",
+                           bn_step(shape, residual, layout))
+                if not quick:
+                    yield (f"bn {layout} {shape} residual=outmask",
+                           bn_step(shape, True, layout, True))
 
     def conv_case(kind, shape, prologue, stats=True, dy_prologue=True, eval_epilogue=False):
         n, c, h, w, k, r, s, p = shape
@@ -214,7 +224,7 @@ def _specialise(record, arch: int, dtype: str, scenario: str) -> Spec:
 
 
 def capture(archs: Iterable[int], dtypes: Iterable[str], only: set, quick: bool,
-            select: Optional[str] = None) -> list[Spec]:
+            select: Optional[str] = None, layouts: Iterable[str] = LAYOUTS) -> list[Spec]:
     """Run in a TRITON_INTERPRET=1 process: every distinct specialisation the launchers request."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "capture runs under the interpreter"
     import torch
@@ -233,7 +243,7 @@ def capture(archs: Iterable[int], dtypes: Iterable[str], only: set, quick: bool,
     specs: dict = {}
     with fastres.use_backend("triton"), gpu_faithful():
         for dtype in dtypes:
-            for label, run in _scenarios(dtype, only, quick, select):
+            for label, run in _scenarios(dtype, only, quick, select, layouts):
                 with capture_launches() as records:
                     run()
                 for record in records:
@@ -243,12 +253,13 @@ def capture(archs: Iterable[int], dtypes: Iterable[str], only: set, quick: bool,
     return list(specs.values())
 
 
-def capture_in_subprocess(archs, dtypes, only, quick, select=None) -> list[Spec]:
+def capture_in_subprocess(archs, dtypes, only, quick, select=None, layouts=LAYOUTS) -> list[Spec]:
     with tempfile.NamedTemporaryFile(suffix=".pkl") as out:
         env = dict(os.environ, TRITON_INTERPRET="1")
         cmd = [sys.executable, os.path.abspath(__file__), "--capture-to", out.name,
                "--arch", ",".join(map(str, archs)), "--dtype", ",".join(dtypes),
-               "--only", ",".join(sorted(only))] + (["--quick"] if quick else []) \
+               "--only", ",".join(sorted(only)), "--layout", ",".join(layouts)] \
+            + (["--quick"] if quick else []) \
             + (["--select", select] if select else [])
         subprocess.run(cmd, check=True, env=env, cwd=ROOT)
         with open(out.name, "rb") as f:
@@ -371,14 +382,18 @@ def compile_spec(spec: Spec) -> Row:
 
 
 def report(archs=ARCHS, dtypes=DTYPES, only=("bn", "conv"), quick=False, select=None,
-           progress=None) -> list[Row]:
+           progress=None, layouts=LAYOUTS, compile_only: Optional[str] = None) -> list[Row]:
     """Capture (subprocess) and compile every specialisation; the rows in a stable order. Call it
     from a process whose Triton kernels are not interpreted (it unsets TRITON_INTERPRET; the
-    kernels it compiles are imported here, so import fastres after that if at all)."""
+    kernels it compiles are imported here, so import fastres after that if at all). ``compile_only``:
+    a regular expression that "kernel dtype scenario" must match (re.search) to be compiled, e.g.
+    '_partial_kernel' or '_kernel bf16 bn nhwc'."""
     os.environ.pop("TRITON_INTERPRET", None)
-    specs = capture_in_subprocess(archs, dtypes, set(only), quick, select)
+    specs = capture_in_subprocess(archs, dtypes, set(only), quick, select, layouts)
     rows = []
     for spec in sorted(specs, key=lambda s: (s.module, s.name, s.dtype, s.scenario, -s.arch)):
+        if compile_only and not re.search(compile_only, f"{spec.name} {spec.dtype} {spec.scenario}"):
+            continue
         rows.append(compile_spec(spec))
         if progress:
             progress(rows[-1])
@@ -412,26 +427,31 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="bn,conv", help="kernel families: bn,conv")
     parser.add_argument("--quick", action="store_true", help="one shape / variant per family")
     parser.add_argument("--select", help="regular expression on the scenario labels")
+    parser.add_argument("--layout", default=",".join(LAYOUTS),
+                        help="memory formats of the BN-act scenarios: nhwc,nchw")
+    parser.add_argument("--compile-only", help="regular expression on 'kernel dtype scenario' of "
+                        "the specialisations to compile, e.g. '_partial_kernel'")
     parser.add_argument("--capture-to", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",")]
     dtypes = args.dtype.split(",")
     only = set(args.only.split(","))
     if args.capture_to:
-        specs = capture(archs, dtypes, only, args.quick, args.select)
+        specs = capture(archs, dtypes, only, args.quick, args.select, args.layout.split(","))
         with open(args.capture_to, "wb") as f:
             pickle.dump([dataclasses.asdict(spec) for spec in specs], f)
         return 0
     import triton
     print(f"# tools/kernel_report.py --arch {args.arch} --dtype {args.dtype} --only {args.only}"
-          f"{' --quick' if args.quick else ''}  (triton {triton.__version__}; ahead-of-time, "
+          f" --layout {args.layout}{' --quick' if args.quick else ''}  (triton {triton.__version__}; ahead-of-time, "
           f"no GPU; launcher specialisation captured in GPU-faithful mode at ResNet-50 shapes, "
           f"batch 256)")
     print("# spill: bytes of STL per thread in SASS; smem '!': over the limit "
           "(sm_90 227 KB, sm_80 163 KB); ld/st bits: widths of global accesses in the PTX")
     print(HEADER, flush=True)
-    rows = report(archs, dtypes, only, args.quick, args.select, progress=lambda r: print(format_row(r),
-                                                                            flush=True))
+    rows = report(archs, dtypes, only, args.quick, args.select,
+                  progress=lambda r: print(format_row(r), flush=True),
+                  layouts=args.layout.split(","), compile_only=args.compile_only)
     over = [r for r in rows if r.over_smem]
     spills = [r for r in rows if r.spill and not r.over_smem]
     print(f"# {len(rows)} compiles; over the shared-memory limit: {len(over)}; "

@@ -138,27 +138,37 @@ def _stats_partial_kernel(
     X, PART_MEAN, PART_M2,
     M, C, HW, rows_per_prog, G,
     IS_NHWC: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
+    """Each element of the [BLOCK_R, BLOCK_C] tile keeps its own (mean, M2) over the program's
+    chunks (Welford: one element merged per chunk, no cross-thread reduction in the loop, loads
+    pipelined NUM_STAGES deep); the BLOCK_R tile rows of a channel merge once after the loop."""
     pid_g = tl.program_id(0)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     shift = _channel_shift(X, cols, cmask, HW, IS_NHWC, ACC)
     row_begin = pid_g.to(tl.int64) * rows_per_prog
     row_end = tl.minimum(row_begin + rows_per_prog, M)
-    n_a = tl.zeros([BLOCK_C], dtype=ACC)
-    mean = tl.zeros([BLOCK_C], dtype=ACC)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    for start in range(row_begin, row_end, BLOCK_R):
+    mean = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
+    for start in tl.range(row_begin, row_end, BLOCK_R, num_stages=NUM_STAGES):
         rows = start + tl.arange(0, BLOCK_R)
-        rmask = rows < row_end
-        mask = rmask[:, None] & cmask[None, :]
+        mask = (rows < row_end)[:, None] & cmask[None, :]
         x = tl.load(X + _tile_offsets(rows, cols, C, HW, IS_NHWC), mask=mask, other=0.0)
-        x = tl.where(mask, x.to(ACC) - shift[None, :], 0.0)
-        n_b = tl.sum(rmask.to(ACC), axis=0)
-        mean_b = tl.sum(x, axis=0) / n_b
-        d = tl.where(mask, x - mean_b[None, :], 0.0)
-        m2_b = tl.sum(d * d, axis=0)
-        n_a, mean, m2 = _chan_merge(n_a, mean, m2, n_b, mean_b, m2_b)
+        # Only the last chunk is partial: an element valid now was valid in every earlier chunk.
+        n_a = ((start - row_begin) // BLOCK_R).to(ACC)
+        _, mean_new, m2_new = _chan_merge(n_a, mean, m2, 1.0, x.to(ACC) - shift[None, :], 0.0)
+        mean = tl.where(mask, mean_new, mean)
+        m2 = tl.where(mask, m2_new, m2)
+    # Tile row i saw n_i elements of each channel; merge the rows (Chan's formula for many sets,
+    # as the finalize does).
+    n_rows = row_end - row_begin
+    n_i = (tl.maximum(n_rows - tl.arange(0, BLOCK_R), 0) + BLOCK_R - 1) // BLOCK_R
+    n_i = n_i.to(ACC)[:, None]
+    mean_tile = mean
+    mean = tl.sum(n_i * mean_tile, axis=0) / n_rows.to(ACC)
+    d = tl.where((n_i > 0) & cmask[None, :], mean_tile - mean[None, :], 0.0)
+    m2 = tl.sum(m2, axis=0) + tl.sum(n_i * d * d, axis=0)
     part = cols * G + pid_g  # channel-major: the finalize reads a channel's partials contiguously
     tl.store(PART_MEAN + part, mean, mask=cmask)  # relative to the channel shift
     tl.store(PART_M2 + part, m2, mask=cmask)
@@ -303,13 +313,15 @@ def _backward_reduce_partial_kernel(
     M, C, HW, rows_per_prog, G,
     IS_NHWC: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DY: tl.constexpr,
-    MASK_FROM_OUTPUT: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    MASK_FROM_OUTPUT: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Partial Σdy', Σdy'·(x − mean); STORE_DY also writes dy' (the residual's gradient), which
     the dx pass then reads instead of dy, x's ReLU recompute and the residual. HAS_RESIDUAL: the
     residual is read (only with RELU: it matters for the mask alone). MASK_FROM_OUTPUT: RES holds
-    the forward's output y, read in the residual's place, and the mask is taken from it."""
+    the forward's output y, read in the residual's place, and the mask is taken from it. The sums
+    accumulate elementwise in [BLOCK_R, BLOCK_C] tiles (loads pipelined NUM_STAGES deep) and
+    reduce over the tile rows once after the loop."""
     pid_g = tl.program_id(0)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -317,9 +329,9 @@ def _backward_reduce_partial_kernel(
                                          HAS_BIAS, False, ACC)
     row_begin = pid_g.to(tl.int64) * rows_per_prog
     row_end = tl.minimum(row_begin + rows_per_prog, M)
-    sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
-    sum_dy_xc = tl.zeros([BLOCK_C], dtype=ACC)
-    for start in range(row_begin, row_end, BLOCK_R):
+    sum_dy = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
+    sum_dy_xc = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
+    for start in tl.range(row_begin, row_end, BLOCK_R, num_stages=NUM_STAGES):
         rows = start + tl.arange(0, BLOCK_R)
         mask = (rows < row_end)[:, None] & cmask[None, :]
         offs = _tile_offsets(rows, cols, C, HW, IS_NHWC)
@@ -330,11 +342,11 @@ def _backward_reduce_partial_kernel(
         if STORE_DY:  # dy' is dy or 0: exact in dy's dtype
             tl.store(DY_OUT + offs, _round_to(dy, DY_OUT.dtype.element_ty), mask=mask)
         dy = tl.where(mask, dy, 0.0)
-        sum_dy += tl.sum(dy, axis=0)
-        sum_dy_xc += tl.sum(tl.where(mask, dy * (x - mean[None, :]), 0.0), axis=0)
+        sum_dy += dy
+        sum_dy_xc += tl.where(mask, dy * (x - mean[None, :]), 0.0)
     part = cols * G + pid_g
-    tl.store(PART_DY + part, sum_dy, mask=cmask)
-    tl.store(PART_DY_XC + part, sum_dy_xc, mask=cmask)
+    tl.store(PART_DY + part, tl.sum(sum_dy, axis=0), mask=cmask)
+    tl.store(PART_DY_XC + part, tl.sum(sum_dy_xc, axis=0), mask=cmask)
 
 
 @triton.jit
@@ -439,8 +451,19 @@ def launch_config(M: int, C: int, nhwc: bool, device: torch.device) -> dict:
     else:
         block_c = min(triton.next_power_of_2(C), 4)
         block_r = 1024
+    # The reduction kernels loop over their rows in smaller steps than the elementwise tile, with
+    # the loads pipelined (cp.async through shared memory on sm_80+): 4 (NHWC) or 2 (NCHW)
+    # elements per thread and step keep them within 64 registers per thread (4+ CTAs of 8 warps
+    # per SM), counted by tools/kernel_report.py for bf16 and fp32 on sm_90 and sm_80. NCHW takes
+    # 2: when H·W is not a multiple of 16 its rows are addressed one by one (an int64 division
+    # per element), and 4 elements with 3 stages took up to 107 registers on sm_80. There, in
+    # bf16, the 2-byte accesses stay unpipelined (cp.async copies at least 4 bytes and Triton only
+    # proves alignment for multiples of 16): ResNet-50's 14×14 and 7×7 layers in NCHW.
+    reduce_elems, stages = (1024, 4) if nhwc else (512, 3)
     return dict(BLOCK_R=block_r, BLOCK_C=block_c, target_programs=target,
-                num_warps=8 if block_r * block_c >= 4096 else 4)
+                num_warps=8 if block_r * block_c >= 4096 else 4,
+                REDUCE_BLOCK_R=reduce_elems // block_c, reduce_num_warps=8,
+                reduce_num_stages=stages)
 
 
 def _row_splits(M: int, C: int, cfg: dict) -> tuple[int, int]:
@@ -536,13 +559,21 @@ def _acc(x: torch.Tensor):
     return _TL_DTYPE[compute_dtype(x)]
 
 
+def _reduce_options(p: Plan) -> dict:
+    """Rows per loop step, warps and pipeline depth of the reduction kernels (defaults: the
+    elementwise tile, unpipelined)."""
+    cfg = p.cfg
+    return dict(BLOCK_R=cfg.get("REDUCE_BLOCK_R", cfg["BLOCK_R"]),
+                num_warps=cfg.get("reduce_num_warps", cfg["num_warps"]),
+                NUM_STAGES=cfg.get("reduce_num_stages", 1))
+
+
 def _launch_stats_partial(x, p: Plan):
     part_mean = torch.empty((p.C, p.G), dtype=compute_dtype(x), device=x.device)
     part_m2 = torch.empty_like(part_mean)
     _stats_partial_kernel[p.reduce_grid](
         x, part_mean, part_m2, p.M, p.C, p.HW, p.rows_per_prog, p.G,
-        IS_NHWC=p.nhwc, ACC=_acc(x), BLOCK_R=p.cfg["BLOCK_R"], BLOCK_C=p.cfg["BLOCK_C"],
-        num_warps=p.cfg["num_warps"])
+        IS_NHWC=p.nhwc, ACC=_acc(x), BLOCK_C=p.cfg["BLOCK_C"], **_reduce_options(p))
     return part_mean, part_m2
 
 
@@ -587,8 +618,8 @@ def _launch_backward_reduce(dy, x, p: Plan, residual, dy_out, mean, invstd, weig
         # the residual only matters for the ReLU mask
         IS_NHWC=p.nhwc, HAS_RESIDUAL=residual is not None and relu, RELU=relu,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, STORE_DY=dy_out is not None,
-        MASK_FROM_OUTPUT=bool(mask_from_output and relu and residual is not None), ACC=_acc(x), BLOCK_R=p.cfg["BLOCK_R"], BLOCK_C=p.cfg["BLOCK_C"],
-        num_warps=p.cfg["num_warps"])
+        MASK_FROM_OUTPUT=bool(mask_from_output and relu and residual is not None),
+        ACC=_acc(x), BLOCK_C=p.cfg["BLOCK_C"], **_reduce_options(p))
     return part_dy, part_dy_xc
 
 
