@@ -146,19 +146,83 @@ struct ChannelAffine {
 // invstd = 1 / sqrt(var + eps) with IEEE sqrt and division (no fast math), as eager's kernels.
 __device__ __forceinline__ float inverse_std(float var, float eps) { return 1.f / sqrtf(var + eps); }
 
-__device__ __forceinline__ void load_affine(const ChannelAffine& p, int64_t c, bool write_invstd,
-                                            float& m, float& sc, float& sh) {
+// VEC consecutive per-channel values from c0 as fp32: one branch on the dtype for the whole vector.
+// (A branch per channel, VEC times over, let the compiler clone the code along every combination of
+// the repeated branches: 10^4 loads per kernel and minutes of ptxas.)
+template <int VEC>
+__device__ __forceinline__ void load_params(const void* p, int kind, int64_t c0, float (&out)[VEC]) {
+  switch (kind) {
+    case kParamF16:
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) out[v] = static_cast<float>(static_cast<const c10::Half*>(p)[c0 + v]);
+      break;
+    case kParamBF16:
+#pragma unroll
+      for (int v = 0; v < VEC; ++v)
+        out[v] = static_cast<float>(static_cast<const c10::BFloat16*>(p)[c0 + v]);
+      break;
+    default:
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) out[v] = static_cast<const float*>(p)[c0 + v];
+  }
+}
+
+template <int VEC>
+__device__ __forceinline__ void load_floats(const float* p, int64_t c0, float (&out)[VEC]) {
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) out[v] = p[c0 + v];
+}
+
+// (mean, scale, shift) of channels c0 .. c0 + VEC - 1. Each optional input is one branch for the
+// whole vector, so the code stays linear in VEC.
+template <int VEC>
+__device__ __forceinline__ void load_affine(const ChannelAffine& p, int64_t c0, bool write_invstd,
+                                            float (&m)[VEC], float (&sc)[VEC], float (&sh)[VEC]) {
   if (p.scale != nullptr) {
-    m = p.mean[c], sc = p.scale[c], sh = p.shift[c];
+    load_floats<VEC>(p.mean, c0, m);
+    load_floats<VEC>(p.scale, c0, sc);
+    load_floats<VEC>(p.shift, c0, sh);
     return;
   }
-  m = p.mean != nullptr ? p.mean[c] : load_param(p.running_mean, p.running_kind, c);
-  const float inv = p.invstd != nullptr
-                        ? p.invstd[c]
-                        : inverse_std(load_param(p.running_var, p.running_kind, c), p.eps);
-  if (write_invstd && p.invstd_out != nullptr) p.invstd_out[c] = inv;
-  sc = p.weight != nullptr ? load_param(p.weight, p.weight_kind, c) * inv : inv;
-  sh = p.bias != nullptr ? load_param(p.bias, p.bias_kind, c) : 0.f;
+  if (p.mean != nullptr) {
+    load_floats<VEC>(p.mean, c0, m);
+  } else {
+    load_params<VEC>(p.running_mean, p.running_kind, c0, m);
+  }
+  float inv[VEC];
+  if (p.invstd != nullptr) {
+    load_floats<VEC>(p.invstd, c0, inv);
+  } else {
+    load_params<VEC>(p.running_var, p.running_kind, c0, inv);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) inv[v] = inverse_std(inv[v], p.eps);
+  }
+  if (write_invstd && p.invstd_out != nullptr) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) p.invstd_out[c0 + v] = inv[v];
+  }
+  if (p.weight != nullptr) {
+    load_params<VEC>(p.weight, p.weight_kind, c0, sc);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) sc[v] *= inv[v];
+  } else {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) sc[v] = inv[v];
+  }
+  if (p.bias != nullptr) {
+    load_params<VEC>(p.bias, p.bias_kind, c0, sh);
+  } else {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) sh[v] = 0.f;
+  }
+}
+
+// One channel (the planar kernels).
+__device__ __forceinline__ void load_affine(const ChannelAffine& p, int64_t c, bool write_invstd,
+                                            float& m, float& sc, float& sh) {
+  float mv[1], scv[1], shv[1];
+  load_affine<1>(p, c, write_invstd, mv, scv, shv);
+  m = mv[0], sc = scv[0], sh = shv[0];
 }
 
 // Chan's merge of Welford states (mean, m2, count) b into a.
@@ -427,8 +491,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) backward_reduce_channe
   for (int v = 0; v < VEC; ++v) sum_dy[v] = 0.f, sum_dy_xc[v] = 0.f;
   if (c0 < C) {
     float m[VEC], sc[VEC], sh[VEC];
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) load_affine(affine, c0 + v, false, m[v], sc[v], sh[v]);
+    load_affine<VEC>(affine, c0, false, m, sc, sh);
     const bool load_residual = relu && residual != nullptr;
     for (int64_t r = row_begin + threadIdx.y; r < row_end; r += kUnroll * step) {
       float g[kUnroll][VEC], xv[kUnroll][VEC], rv[kUnroll][VEC];
@@ -596,8 +659,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) apply_channels_last_ke
   const bool has_residual = residual != nullptr;
   const bool write_invstd = blockIdx.y == 0 && threadIdx.y == 0;
   float m[VEC], sc[VEC], sh[VEC];
-#pragma unroll
-  for (int v = 0; v < VEC; ++v) load_affine(affine, c0 + v, write_invstd, m[v], sc[v], sh[v]);
+  load_affine<VEC>(affine, c0, write_invstd, m, sc, sh);
   const int64_t step = int64_t(gridDim.y) * blockDim.y;
   for (int64_t r = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; r < rows; r += kUnroll * step) {
     float xv[kUnroll][VEC], rv[kUnroll][VEC];
@@ -668,12 +730,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) backward_dx_channels_l
   if (c0 >= C) return;
   const bool has_residual = relu && residual != nullptr;  // only the mask reads the residual
   float m[VEC], sc[VEC], sh[VEC], a[VEC], k[VEC], cc[VEC];
+  load_affine<VEC>(affine, c0, false, m, sc, sh);
+  if (a_coef != nullptr) {
+    load_floats<VEC>(a_coef, c0, a);
+    load_floats<VEC>(k_coef, c0, k);
+    load_floats<VEC>(c_coef, c0, cc);
+  } else {
 #pragma unroll
-  for (int v = 0; v < VEC; ++v) {
-    load_affine(affine, c0 + v, false, m[v], sc[v], sh[v]);
-    a[v] = a_coef != nullptr ? a_coef[c0 + v] : sc[v];
-    k[v] = a_coef != nullptr ? k_coef[c0 + v] : 0.f;
-    cc[v] = a_coef != nullptr ? c_coef[c0 + v] : 0.f;
+    for (int v = 0; v < VEC; ++v) a[v] = sc[v], k[v] = 0.f, cc[v] = 0.f;
   }
   // x is needed for the mask and for a nonzero k term; eval dx = a * dy' without a mask reads dy only.
   bool need_x = relu;
