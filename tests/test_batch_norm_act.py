@@ -616,6 +616,27 @@ def test_geometry_parallel_finalize_and_readme_table():
         assert tbn.geometry_table(256, nhwc) in readme
 
 
+
+def test_geometry_tiles_are_powers_of_two():
+    """Every tile of the CUDA launch geometry is a power of two (tl.arange needs it on a GPU; the
+    interpreter would accept any size), over ResNet-50's shapes, odd C and tiny inputs."""
+    from fastres.precision import gpu_faithful
+
+    def pow2(v):
+        return v >= 1 and v & (v - 1) == 0
+
+    shapes = [(256, C, int(round(hw ** 0.5)), int(round(hw ** 0.5)))
+              for C, hw in tbn.RESNET50_BN_SHAPES] + [(4, 5, 3, 3), (2, 131, 9, 7), (32, 72, 1, 1),
+                                                     (1, 3, 1, 1), (3, 1000, 2, 2)]
+    with gpu_faithful():
+        for nhwc in (True, False):
+            for shape in shapes:
+                p = tbn.plan(shape, nhwc, torch.device("cpu"))
+                tiles = [p.cfg["BLOCK_R"], p.cfg["BLOCK_C"], p.cfg.get("REDUCE_BLOCK_R", 1),
+                         p.block_g, p.finalize_block_c]
+                assert all(pow2(t) for t in tiles), (shape, nhwc, p)
+                assert p.G <= tbn.MAX_PARTIALS and p.G * p.rows_per_prog >= p.M, (shape, p)
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_auto_on_cpu_is_eager_bitwise(momentum):
     """"auto" on CPU tensors runs eager's own ops: output, every gradient and the running statistics
