@@ -90,7 +90,8 @@ setup(
     version="0.1.0",
     description="Fused GPU kernels (Triton and CUDA) for ResNet training, as drop-in PyTorch modules",
     packages=find_packages(include=["fastres", "fastres.*"]),
-    package_data={"fastres": ["_C_build.txt"]},  # why fastres._C was not built, when it was not
+    # _C_build.txt: why fastres._C was not built, when it was not; tables/*.json: the choice tables
+    package_data={"fastres": ["_C_build.txt", "tables/*.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy"],
     extras_require={"test": ["pytest", "pytest-benchmark", "torchvision"],

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The one script to run on a lent GPU machine (CUDA, torch, triton, ninja, pytest preinstalled; no
 # internet): builds fastres._C in place for this GPU's arch with all cores, runs the `gpu` tests,
-# runs `benchmarks.run --quick`, keeps every log in OUTDIR and prints a short summary table last.
+# runs `benchmarks.run --quick`, writes the choice tables from its results (`benchmarks.tables
+# --install`: fastres/tables/*.json, ready to commit, and a copy in OUTDIR), keeps every log in OUTDIR
+# and prints a short summary table last.
 #
 #   benchmarks/gpu_check.sh [--dry-run] OUTDIR
 #
-# OUTDIR gets at most 7 files: build.log tests.log bench.log results.json results.md speedups.png
-# summary.txt. Each stage has a time budget (whole run < 8 min on an H100); a stage that fails or
+# OUTDIR gets at most 9 files: build.log tests.log bench.log results.json results.md speedups.png
+# auto_table.json normconv_table.json summary.txt. Each stage has a time budget (whole run < 8 min on an H100); a stage that fails or
 # times out is logged and the next one still runs (a failed build leaves the triton backend).
 # --dry-run: no GPU needed; prints the commands, checks imports, the CLIs and the test collection,
 # and runs a tiny CPU benchmark through the same runner and report writers.
@@ -48,6 +50,7 @@ bench_budget() {
 }
 
 rm -f "$OUT"/{build.log,tests.log,bench.log,results.json,results.md,speedups.png,summary.txt}
+rm -f "$OUT"/{auto_table.json,normconv_table.json}
 [[ -n "$PY" ]] || { say "no python on PATH (set PYTHON)"; exit 2; }
 
 if ((DRY)); then
@@ -56,6 +59,7 @@ if ((DRY)); then
     echo "  TORCH_CUDA_ARCH_LIST=<this GPU's capability> MAX_JOBS=$NPROC timeout ${BUILD_S}s $PY setup.py build_ext --inplace > build.log"
     echo "  timeout ${TESTS_S}s $PY -m pytest tests -m gpu -q > tests.log"
     echo "  timeout <what is left of ${TOTAL_S}s> $PY -m benchmarks.run --quick --out OUTDIR --time-budget <that - 60s> > bench.log"
+    echo "  $PY -m benchmarks.tables OUTDIR/results.json --install >> bench.log; cp fastres/tables/*.json OUTDIR"
     echo "  $PY -m benchmarks.report OUTDIR/results.json >> summary.txt"
     ok=1
     check() {  # check NAME COMMAND...: run it, log its output, record ok / FAILED
@@ -89,6 +93,12 @@ EOF_PY
         stage bench "tiny CPU run ok (bench.log)"
     else
         stage bench "tiny CPU run FAILED (see bench.log)"; ok=0
+    fi
+    # the tables from the CPU figures go to OUTDIR only (--install refuses CPU results)
+    if "$PY" -m benchmarks.tables "$OUT/results.json" --out "$OUT" >>"$OUT/bench.log" 2>&1; then
+        stage tables "written from the CPU run into OUTDIR (not installed)"
+    else
+        stage tables "FAILED (see bench.log)"; ok=0
     fi
     {
         echo "gpu_check DRY RUN ($(date -u +%FT%TZ), ${SECONDS}s) — CPU figures, not GPU performance"
@@ -161,7 +171,18 @@ fi
 notes=$(grep -cE ': (skipped|FAILED) — ' "$OUT/bench.log" 2>/dev/null)
 ((notes > 0)) && stage notes "$notes implementation/case notes in bench.log and results.md"
 
-# 4. summary, printed last
+# 4. the choice tables from this run: into fastres/tables/ (ready to commit) and a copy in OUTDIR
+if [[ -s "$OUT/results.json" ]]; then
+    if "$PY" -m benchmarks.tables "$OUT/results.json" --install >>"$OUT/bench.log" 2>&1; then
+        cp fastres/tables/auto_table.json fastres/tables/normconv_table.json "$OUT/"
+        rules=$(grep -E 'AUTO_TABLE rules over' "$OUT/bench.log" | tail -n 1)
+        stage tables "fastres/tables/*.json written (also in OUTDIR): $rules"
+    else
+        stage tables "FAILED (see bench.log)"; FAILED=1
+    fi
+fi
+
+# 5. summary, printed last
 {
     echo "gpu_check $(date -u +%FT%TZ), ${SECONDS}s in all"
     printf '%s\n' "${STATUS[@]}"

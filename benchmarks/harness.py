@@ -5,7 +5,16 @@ Implementations:
     "compile"        torch.compile of the eager model (``mode`` chosen by the runner), no CUDA graphs.
     "fastres-triton" / "fastres-cuda" / "fastres-torch"
                      the fastres modules (``fastres.convert`` of the eager model, or fastres.ConvBNAct2d /
-                     fastres.functional.batch_norm_act) with that fastres backend selected.
+                     fastres.functional.batch_norm_act) with that fastres backend selected. At block
+                     level with the normconv path off (the fused-BN fallback); at model level as
+                     shipped (normconv where fastres/tables/normconv_table.json chooses it).
+    "fastres-normconv"
+                     the Triton backend with the normconv path forced on for every eligible block
+                     (blocks and models only: ops and ConvBNAct2d have no normconv path).
+
+Every record keeps the repeat timings it was measured from (``times_ms``: the sorted per-run times, or
+TIMES_KEPT evenly spaced order statistics of them), so ``benchmarks.tables`` can tell a difference from
+the run's own noise.
 
 Byte model (op level). GB/s is computed from the *minimum* traffic of the fused op: one read of each
 input tensor and one write of each output tensor, per-channel vectors ignored:
@@ -27,7 +36,9 @@ import math
 import os
 import platform
 import statistics
+import json
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -40,12 +51,13 @@ from torch import nn
 from benchmarks.cases import BlockCase, ConvCase, ModelCase, OpCase
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-GPU_IMPLS = ("eager", "compile", "fastres-triton", "fastres-cuda")
+GPU_IMPLS = ("eager", "compile", "fastres-triton", "fastres-cuda", "fastres-normconv")
 CPU_IMPLS = ("eager", "fastres-torch")
-ALL_IMPLS = ("eager", "compile", "fastres-triton", "fastres-cuda", "fastres-torch")
+ALL_IMPLS = ("eager", "compile", "fastres-triton", "fastres-cuda", "fastres-torch", "fastres-normconv")
 MODES = ("fwd", "bwd", "fwd+bwd", "train_step", "eval")
 RECORD_FIELDS = ("level", "case", "impl", "dtype", "mode", "ms", "gbps", "pct_copy_bw",
-                 "images_per_s", "peak_mem_bytes")
+                 "images_per_s", "peak_mem_bytes", "times_ms")
+TIMES_KEPT = 64  # repeat timings kept per record (order statistics when there were more)
 
 
 class Skip(Exception):
@@ -96,11 +108,21 @@ def env_info(device: torch.device) -> dict:
 
 
 def make_record(level, case, impl, dtype, mode, ms, gbps=None, pct_copy_bw=None, images_per_s=None,
-                peak_mem_bytes=None) -> dict:
+                peak_mem_bytes=None, times_ms=None) -> dict:
     assert mode in MODES, mode
     return {"level": level, "case": case, "impl": impl, "dtype": dtype, "mode": mode,
             "ms": float(ms), "gbps": gbps, "pct_copy_bw": pct_copy_bw,
-            "images_per_s": images_per_s, "peak_mem_bytes": peak_mem_bytes}
+            "images_per_s": images_per_s, "peak_mem_bytes": peak_mem_bytes,
+            "times_ms": None if times_ms is None else kept_times(times_ms)}
+
+
+def kept_times(times, kept: int = TIMES_KEPT) -> list:
+    """The sorted repeat timings (ms, 4 significant figures), thinned to ``kept`` evenly spaced order
+    statistics when there are more: the quantiles survive, the file stays small."""
+    xs = sorted(float(t) for t in times)
+    if len(xs) > kept:
+        xs = [xs[round(i * (len(xs) - 1) / (kept - 1))] for i in range(kept)]
+    return [float(f"{t:.4g}") for t in xs]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,9 +130,10 @@ def make_record(level, case, impl, dtype, mode, ms, gbps=None, pct_copy_bw=None,
 
 
 class Timer:
-    """Median wall time of ``fn()`` in ms, after warm-up.
+    """Wall time of ``fn()`` in ms, after warm-up: ``timer(fn)`` is the median, ``timer.measure(fn)``
+    every timed run.
 
-    CUDA: ``triton.testing.do_bench(return_mode="median")`` (it also flushes L2 before each run), with
+    CUDA: ``triton.testing.do_bench(return_mode="all")`` (it also flushes L2 before each run), with
     ``rep`` raised so that at least ``min_reps`` runs are timed; CUDA events when triton is missing.
     CPU: ``time.perf_counter`` around each call.
     """
@@ -122,6 +145,10 @@ class Timer:
         self.cpu_budget_s, self.cpu_max_reps = cpu_budget_s, cpu_max_reps
 
     def __call__(self, fn: Callable, grad_to_none=None) -> float:
+        return statistics.median(self.measure(fn, grad_to_none))
+
+    def measure(self, fn: Callable, grad_to_none=None) -> list:
+        """The time of every timed run, in ms."""
         if self.device.type == "cuda":
             return self._cuda(fn, grad_to_none)
         return self._cpu(fn, grad_to_none)
@@ -143,8 +170,8 @@ class Timer:
         except Exception:
             do_bench = None
         if do_bench is not None:
-            return float(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
-                                  return_mode="median"))
+            times = do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="all")
+            return [float(t) for t in (times if isinstance(times, (list, tuple)) else [times])]
         n_warmup, n_rep = max(1, int(warmup / estimate)), max(self.min_reps, int(rep / estimate))
         for _ in range(n_warmup):
             fn()
@@ -156,7 +183,7 @@ class Timer:
             fn()
             e.record()
         torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in events)
+        return [s.elapsed_time(e) for s, e in events]
 
     def _cpu(self, fn, grad_to_none):
         fn()  # warm-up
@@ -167,7 +194,7 @@ class Timer:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        return times
 
 
 def _clear_grads(tensors):
@@ -231,7 +258,7 @@ def impl_unavailable(impl: str, device: torch.device) -> Optional[str]:
     if impl == "compile":
         return None if hasattr(torch, "compile") else "torch.compile is missing"
     if impl.startswith("fastres-"):
-        backend = impl.split("-", 1)[1]
+        backend = impl_backend(impl)
         try:
             import fastres
         except Exception as e:
@@ -246,12 +273,37 @@ def impl_unavailable(impl: str, device: torch.device) -> Optional[str]:
     return None
 
 
-def impl_context(impl: str):
-    if impl.startswith("fastres-"):
-        import fastres
+def impl_backend(impl: str) -> str:
+    """The fastres backend a "fastres-*" implementation selects."""
+    name = impl.split("-", 1)[1]
+    return "triton" if name == "normconv" else name
 
-        return fastres.use_backend(impl.split("-", 1)[1])
-    return contextlib.nullcontext()
+
+def impl_applies(impl: str, case) -> bool:
+    """fastres-normconv only where a normconv path exists (residual blocks, whole models)."""
+    return impl != "fastres-normconv" or isinstance(case, (BlockCase, ModelCase))
+
+
+@contextlib.contextmanager
+def impl_context(impl: str, case=None):
+    """The fastres backend of ``impl`` selected and, for blocks and fastres-normconv, the normconv
+    path forced off / on (models keep the shipped table unless fastres-normconv)."""
+    if not impl.startswith("fastres-"):
+        yield
+        return
+    import fastres
+    from fastres.nn import normconv
+
+    mode = normconv.get_normconv()
+    if impl == "fastres-normconv":
+        normconv.set_normconv("on")
+    elif isinstance(case, BlockCase):
+        normconv.set_normconv("off")
+    try:
+        with fastres.use_backend(impl_backend(impl)):
+            yield
+    finally:
+        normconv.set_normconv(mode)
 
 
 def compile_fn(fn, mode: Optional[str]):
@@ -556,3 +608,110 @@ BUILDERS = {OpCase: build_op, ConvCase: build_block, BlockCase: build_block, Mod
 
 def build(case, impl, dtype, device, compile_mode=None) -> dict:
     return BUILDERS[type(case)](case, impl, dtype, device, compile_mode)
+
+
+# --------------------------------------------------------------------------------------------------
+# Actual traffic (op level): the bytes the fastres Triton kernels really load and store, counted on
+# CPU by the instrumented interpreter (fastres.testing.counting) in GPU-faithful mode, next to the
+# ideal minimum of ``op_bytes``.
+
+TRAFFIC_HEIGHT = TRAFFIC_WIDTH = 8  # the small counting shape: batch 2, the case's C, 8×8 pixels
+TRAFFIC_BATCH = 2
+
+_TRAFFIC_SCRIPT = r"""
+import json, sys
+import torch
+import fastres
+from fastres.precision import gpu_faithful
+from fastres.testing.counting import count_kernels
+out = {}
+for channels, residual, activation, dtype_name in json.loads(sys.argv[1]):
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    shape = (%(batch)d, channels, %(height)d, %(width)d)
+    x = torch.randn(shape, dtype=dtype).to(memory_format=torch.channels_last).requires_grad_()
+    res = torch.randn_like(x).requires_grad_() if residual else None
+    weight = torch.ones(channels, requires_grad=True)
+    bias = torch.zeros(channels, requires_grad=True)
+    rm, rv = torch.zeros(channels), torch.ones(channels)
+    with fastres.use_backend("triton"), gpu_faithful():
+        with count_kernels(aten=False) as fwd:
+            y = fastres.functional.batch_norm_act(x, rm, rv, weight, bias, True, 0.1, 1e-5,
+                                                  residual=res, activation=activation)
+        with count_kernels(aten=False) as bwd:
+            y.backward(torch.randn_like(y))
+    n = x.numel()
+    key = f"{channels},{int(residual)},{activation},{dtype_name}"
+    out[key] = {"fwd": fwd.moved / n, "bwd": bwd.moved / n,
+                "kernels": {m: {k.name: [k.loaded / n, k.stored / n] for k in c.kernels.values()}
+                            for m, c in (("fwd", fwd), ("bwd", bwd))}}
+print(json.dumps(out))
+""" % dict(batch=TRAFFIC_BATCH, height=TRAFFIC_HEIGHT, width=TRAFFIC_WIDTH)
+
+
+def counted_traffic(cases, dtypes) -> dict:
+    """{(BNSpec, dtype name): {"fwd": bytes/element, "bwd": bytes/element, "kernels": ...}} for the op
+    cases, counted in one subprocess (TRITON_INTERPRET=1 must be set before triton is imported, so
+    not in a benchmark process). Per-channel vectors and partials are included at the small
+    counting shape, where they weigh more per element than at the case's own size."""
+    keys = sorted({(c.spec.channels, bool(c.spec.residual), c.spec.activation, d)
+                   for c in cases for d in dtypes}, key=str)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _TRAFFIC_SCRIPT, json.dumps(keys)], cwd=root,
+                          env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"traffic counting failed:\n{proc.stderr[-3000:]}")
+    raw = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = {}
+    for c in cases:
+        for d in dtypes:
+            out[(c.spec, d)] = raw[f"{c.spec.channels},{int(bool(c.spec.residual))},"
+                                   f"{c.spec.activation},{d}"]
+    return out
+
+
+def traffic_rows(cases, dtypes, times_ms: Optional[dict] = None) -> list[dict]:
+    """Per op case, dtype and mode: ideal bytes (``op_bytes``), actual bytes (counted, scaled per
+    element to the case's size), actual / ideal, and the effective GB/s on both where ``times_ms``
+    has a GPU time for (case name, dtype name, mode) — else "unmeasured"."""
+    counted = counted_traffic(cases, dtypes)
+    rows = []
+    for c in cases:
+        for d in dtypes:
+            ideal = op_bytes(c, DTYPES[d])
+            per_elt = counted[(c.spec, d)]
+            for mode in ("fwd", "bwd"):
+                actual = int(round(per_elt[mode] * math.prod(c.shape)))
+                ms = (times_ms or {}).get((c.name, d, mode))
+                rows.append({"case": c.name, "dtype": d, "mode": mode, "ideal_bytes": ideal[mode],
+                             "actual_bytes": actual, "ratio": actual / ideal[mode],
+                             "gbps_ideal": ideal[mode] / (ms * 1e-3) / 1e9 if ms else "unmeasured",
+                             "gbps_actual": actual / (ms * 1e-3) / 1e9 if ms else "unmeasured",
+                             "kernels": per_elt["kernels"][mode]})
+    return rows
+
+
+def format_traffic(rows) -> str:
+    lines = [f"{'case':28s} {'dtype':9s} {'mode':4s} {'ideal MB':>10s} {'actual MB':>10s} "
+             f"{'actual/ideal':>12s} {'GB/s ideal':>11s} {'GB/s actual':>11s}"]
+    for r in rows:
+        gi, ga = (f"{r[k]:.0f}" if isinstance(r[k], float) else r[k]
+                  for k in ("gbps_ideal", "gbps_actual"))
+        lines.append(f"{r['case']:28s} {r['dtype']:9s} {r['mode']:4s} "
+                     f"{r['ideal_bytes'] / 1e6:>10.1f} {r['actual_bytes'] / 1e6:>10.1f} "
+                     f"{r['ratio']:>12.2f} {gi:>11s} {ga:>11s}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from benchmarks import cases as _cases
+
+    parser = argparse.ArgumentParser(description="Actual (counted) vs ideal traffic of the BN-act op "
+                                     "cases; GB/s only where a GPU time exists (none here).")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--dtype", default="bfloat16,float32")
+    args = parser.parse_args()
+    print(format_traffic(traffic_rows(_cases.op_cases(args.batch), args.dtype.split(","))))

@@ -15,9 +15,10 @@ from collections import defaultdict
 
 SCHEMA_TOP = ("device", "torch", "triton", "cuda", "commit", "date", "records")
 SCHEMA_RECORD = ("level", "case", "impl", "dtype", "mode", "ms", "gbps", "pct_copy_bw",
-                 "images_per_s", "peak_mem_bytes")
+                 "images_per_s", "peak_mem_bytes", "times_ms")
 LEVELS = ("op", "block", "model")
-IMPL_ORDER = ("eager", "compile", "fastres-triton", "fastres-cuda", "fastres-torch")
+IMPL_ORDER = ("eager", "compile", "fastres-triton", "fastres-cuda", "fastres-normconv",
+              "fastres-torch")
 
 
 def validate(results: dict) -> None:
@@ -37,6 +38,11 @@ def validate(results: dict) -> None:
         for key in ("gbps", "pct_copy_bw", "images_per_s", "peak_mem_bytes"):
             if r[key] is not None and not isinstance(r[key], (int, float)):
                 raise ValueError(f"record {i}: {key} must be a number or null, got {r[key]!r}")
+        times = r["times_ms"]
+        if times is not None and not (isinstance(times, list) and times and all(
+                isinstance(t, (int, float)) and t > 0 and math.isfinite(t) for t in times)):
+            raise ValueError(f"record {i}: times_ms must be null or a list of positive numbers "
+                             f"(the repeat timings), got {times!r}")
 
 
 def write_json(results: dict, path: str) -> None:
@@ -223,11 +229,11 @@ def summary(results: dict) -> str:
     model = sorted((r for r in recs if r["level"] == "model"), key=_sort_key)
     if model:
         lines.append("")
-        lines.append(f"{'model':26s} {'impl':15s} {'dtype':9s} {'mode':10s} {'ms':>9s} "
+        lines.append(f"{'model':26s} {'impl':16s} {'dtype':9s} {'mode':10s} {'ms':>9s} "
                      f"{'images/s':>9s} {'peak mem':>10s} {'vs eager':>8s} {'vs comp.':>8s}")
         for r in model:
             e, c = sp[id(r)]
-            lines.append(f"{r['case']:26s} {r['impl']:15s} {r['dtype']:9s} {r['mode']:10s} "
+            lines.append(f"{r['case']:26s} {r['impl']:16s} {r['dtype']:9s} {r['mode']:10s} "
                          f"{r['ms']:9.2f} {_num(r['images_per_s'], '.0f'):>9s} "
                          f"{_mem(r['peak_mem_bytes']):>10s} {_x(e):>8s} {_x(c):>8s}")
     groups = defaultdict(list)
@@ -236,13 +242,13 @@ def summary(results: dict) -> str:
             groups[(r["level"], r["impl"], r["dtype"], r["mode"])].append(r)
     if groups:
         lines.append("")
-        lines.append(f"{'level':6s} {'impl':15s} {'dtype':9s} {'mode':8s} {'cases':>5s} "
+        lines.append(f"{'level':6s} {'impl':16s} {'dtype':9s} {'mode':8s} {'cases':>5s} "
                      f"{'geomean vs eager':>16s} {'vs compile':>10s} {'mean % copy bw':>14s}")
         for key in sorted(groups, key=lambda k: (LEVELS.index(k[0]), k[2], k[3],
                                                  IMPL_ORDER.index(k[1]))):
             rs = groups[key]
             pct = [r["pct_copy_bw"] for r in rs if r["pct_copy_bw"] is not None]
-            lines.append(f"{key[0]:6s} {key[1]:15s} {key[2]:9s} {key[3]:8s} {len(rs):5d} "
+            lines.append(f"{key[0]:6s} {key[1]:16s} {key[2]:9s} {key[3]:8s} {len(rs):5d} "
                          f"{_x(_geomean(sp[id(r)][0] for r in rs)):>16s} "
                          f"{_x(_geomean(sp[id(r)][1] for r in rs)):>10s} "
                          f"{_sig(sum(pct) / len(pct) if pct else None):>14s}")

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import sys
 import time
 import traceback
@@ -26,7 +27,8 @@ from benchmarks import report
 HERE = os.path.dirname(os.path.abspath(__file__))
 GPU_RESULTS = os.path.join(HERE, "results")
 CPU_RESULTS = os.path.join(HERE, "results", "cpu")
-IMPL_ALIASES = {"triton": "fastres-triton", "cuda": "fastres-cuda", "torch": "fastres-torch"}
+IMPL_ALIASES = {"triton": "fastres-triton", "cuda": "fastres-cuda", "torch": "fastres-torch",
+                "normconv": "fastres-normconv"}
 
 
 def parse_args(argv=None):
@@ -165,12 +167,15 @@ def run_unit(case, dtype_name, impls, device, timer, compile_mode, copy_gbps, lo
     records, notes = [], []
     parts = {}
     for impl in impls:
+        if not H.impl_applies(impl, case):
+            continue
         t0 = time.perf_counter()
         try:
-            with H.impl_context(impl):
+            with H.impl_context(impl, case):
                 benches = H.build(case, impl, dtype, device, compile_mode)
                 for mode, bench in benches.items():
-                    ms = timer(bench.fn, bench.grad_to_none)
+                    times = timer.measure(bench.fn, bench.grad_to_none)
+                    ms = statistics.median(times)
                     gbps = pct = ips = peak = None
                     if bench.bytes is not None:
                         gbps = bench.bytes / (ms * 1e-3) / 1e9
@@ -180,7 +185,7 @@ def run_unit(case, dtype_name, impls, device, timer, compile_mode, copy_gbps, lo
                     if case.level != "op":
                         peak = H.peak_memory(device, bench.fn, bench.grad_to_none)
                     records.append(H.make_record(case.level, case.name, impl, dtype_name, mode, ms,
-                                                 gbps, pct, ips, peak))
+                                                 gbps, pct, ips, peak, times))
                     parts.setdefault(mode, []).append((impl, ms, pct))
             if impl == "compile":
                 log(f"    compile: {case.name} {dtype_name} compiled and timed in "

@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from fastres import tables as _tables
+
 log = logging.getLogger("fastres")
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
@@ -142,12 +144,12 @@ class use_backend:
 # "auto" on CUDA: which backend runs each op ("stats", "apply", "backward_reduce", "backward_dx") for
 # a given (N, C, H, W). An op maps to a backend name, or to a list of (rule, backend) pairs where the
 # first matching rule wins; a rule bounds "C" (channels) and/or "NHW" (elements per channel) with
-# inclusive (lo, hi) pairs, hi None for no bound. No entry or no match: AUTO_DEFAULT. The entries are
-# copied from the benchmark suite's measurements on AUTO_TABLE_DEVICE. No GPU has measured anything
-# yet (no session has had one), so every op stays on Triton and the table is empty.
-AUTO_TABLE_DEVICE = "unmeasured"
+# inclusive (lo, hi) pairs, hi None for no bound. No entry or no match: AUTO_DEFAULT. The table is
+# generated data, fastres/tables/auto_table.json, written by `python -m benchmarks.tables` from a
+# benchmark run on AUTO_TABLE_DEVICE (never edited by hand). No GPU has measured anything yet, so it
+# is empty and every op stays on Triton.
 AUTO_DEFAULT = "triton"
-AUTO_TABLE: dict[str, object] = {}
+AUTO_TABLE_DEVICE, AUTO_TABLE = _tables.load_auto_table()
 
 
 def auto_choice(op: str, shape=None) -> str:

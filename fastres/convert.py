@@ -13,7 +13,10 @@ a guess; torchvision and timm are never imported here, only looked up if already
   ``Conv2dNormActivation``):
   the BN becomes ``BatchNormAct2d(activation="relu")`` and the ReLU ``nn.Identity``
 * the ``BatchNorm2d`` ending a converted block's downsample ``nn.Sequential`` ->
-  ``BatchNormAct2d(activation=None)``
+  ``BatchNormAct2d(activation=None)``; the block's last BN then keeps its output, not the
+  downsample's, for backward's ReLU mask (``BatchNormAct2d.mask_from_output``)
+* the stem's ``nn.MaxPool2d`` of torchvision's / timm's ``ResNet`` -> ``fastres.nn.MaxPool2d``
+  (recomputes its argmax in backward instead of keeping int64 indices)
 
 Modules with hooks, BN subclasses (SyncBatchNorm, ...) and other activations are left as they are.
 """
@@ -28,8 +31,9 @@ from typing import Optional
 from torch import nn
 
 from fastres.nn.batch_norm_act import BatchNormAct2d, check_process_group
+from fastres.nn.pool import MaxPool2d
 from fastres.nn.resnet_blocks import (BasicBlock, Bottleneck, TimmBasicBlock, TimmBottleneck,
-                                      adopt)
+                                      adopt, free_downsample_residual)
 
 __all__ = ["convert", "ConversionReport"]
 
@@ -158,6 +162,7 @@ class _Converter:
         new = adopt(Bottleneck if bottleneck else BasicBlock, block, replace)
         if new.downsample is not None:
             self.convert_downsample(new.downsample, f"{name}.downsample")
+        free_downsample_residual(new)
         self.report.converted.append((name, type(block).__name__, type(new).__name__))
         return new
 
@@ -192,6 +197,8 @@ class _Converter:
         new.__dict__.update(flags)
         if new.downsample is not None:
             self.convert_downsample(new.downsample, f"{name}.downsample")
+        if flags.get("fused_tail"):
+            free_downsample_residual(new)
         detail = type(new).__name__
         if problems:
             detail += f" (left unfused: {'; '.join(problems)})"
@@ -240,10 +247,22 @@ class _Converter:
                 self.fuse_pair(module, bn_name, act_name, name)
         elif self.tv_resnet is not None and cls is self.tv_resnet:
             self.fuse_pair(module, "bn1", "relu", name)
+            self.convert_max_pool(module, "maxpool", name)
         elif (self.timm_resnet is not None and cls is self.timm_resnet
               and _same_forward(module, self.timm_resnet, "forward_features",
                                 "forward_intermediates")):
             self.fuse_pair(module, "bn1", "act1", name)
+            self.convert_max_pool(module, "maxpool", name)
+
+    def convert_max_pool(self, parent, pool_name, name):
+        """The stem's max-pool recomputes its argmax in backward instead of keeping int64
+        indices (fastres.nn.MaxPool2d: same results, no state)."""
+        pool = parent._modules.get(pool_name)
+        if type(pool) is nn.MaxPool2d and not _has_hooks(pool) and not pool.return_indices:
+            parent._modules[pool_name] = MaxPool2d.from_max_pool(pool)
+            prefix = f"{name}." if name else ""
+            self.report.converted.append((prefix + pool_name, "MaxPool2d",
+                                          "fastres.nn.MaxPool2d (no indices kept for backward)"))
 
     # -- walk -------------------------------------------------------------------------------------
 

@@ -108,9 +108,14 @@ def batch_norm_act(
     eps: float = 1e-5,
     residual: Optional[Tensor] = None,
     activation: Optional[str] = "relu",
+    mask_from_output: bool = False,
 ) -> Tensor:
     """``act(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     + residual)`` in fused kernels, with the same in-place running-statistics update.
+
+    mask_from_output (with residual and ReLU): keep the output, not the residual, for backward's
+    ReLU mask — less memory where the residual is kept by nothing else (a downsample's output) and
+    the output is kept anyway (the next conv's input). Same results.
 
     input: 4-D (N, C, H, W), channels_last or NCHW (any strides are accepted; non-dense input is
     copied once). fp32 / fp16 / bf16. weight, bias, running stats: fp32 or the input's dtype.
@@ -121,7 +126,8 @@ def batch_norm_act(
     momentum = _check_momentum(momentum)
     use_batch_stats = training
     y, mean, var = batch_norm_act_op(input, weight, bias, residual, running_mean, running_var,
-                                     use_batch_stats, float(eps), relu)
+                                     use_batch_stats, float(eps), relu,
+                                     bool(mask_from_output and relu and residual is not None))
     count = channel_count(input)
     if use_batch_stats and running_mean is not None and count > 1:
         update_running_stats(running_mean, running_var, mean, var, count, momentum)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from fastres.nn.batch_norm_act import BatchNormAct2d
+from fastres.nn.pool import MaxPool2d
 from fastres.nn.resnet_blocks import BasicBlock, Bottleneck, conv1x1, norm_relu
 
 __all__ = ["ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -46,7 +47,7 @@ class ResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = norm_layer(self.inplanes)
         self.relu = nn.ReLU(inplace=True)  # used only when bn1 is not a fused norm layer
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = MaxPool2d(kernel_size=3, stride=2, padding=1)  # keeps no indices
         self.layer1 = self._make_layer(block, 64, layers[0])
         self.layer2 = self._make_layer(block, 128, layers[1], stride=2,
                                        dilate=replace_stride_with_dilation[0])

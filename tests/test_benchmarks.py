@@ -208,7 +208,12 @@ def test_gpu_check_dry_run(dry_run):
     assert "benchmarks.run --quick --out" in proc.stdout
     files = sorted(os.listdir(out))
     assert set(files) <= {"build.log", "tests.log", "bench.log", "results.json", "results.md",
-                          "speedups.png", "summary.txt"}, files
+                          "speedups.png", "auto_table.json", "normconv_table.json",
+                          "summary.txt"}, files
+    # the tables from the CPU figures: written into OUTDIR, with the run's device in their header
+    assert "benchmarks.tables OUTDIR/results.json --install" in proc.stdout
+    for name in ("auto_table.json", "normconv_table.json"):
+        assert json.loads((out / name).read_text())["device"].startswith("cpu")
     # the summary table is printed last, and is what summary.txt holds
     summary = (out / "summary.txt").read_text()
     assert proc.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])
@@ -221,6 +226,9 @@ def test_gpu_check_dry_run_results(dry_run):
     report.validate(res)
     assert res["device"].startswith("cpu")
     recs = res["records"]
+    # every timed case keeps its repeat timings (benchmarks.tables estimates the noise from them)
+    assert all(r["times_ms"] and 0.999 * min(r["times_ms"]) <= r["ms"] <= 1.001 * max(r["times_ms"])
+               for r in recs if r["impl"] != "torch.copy_")
     ops = [r for r in recs if r["level"] == "op" and r["impl"] == "eager"]
     assert {r["mode"] for r in ops} == {"fwd", "bwd"}
     assert all(r["gbps"] > 0 and r["pct_copy_bw"] > 0 and r["images_per_s"] is None for r in ops)

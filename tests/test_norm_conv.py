@@ -495,3 +495,172 @@ def test_gpu_deterministic_bf16():
     second = chain_grads(x, w1, w2, gamma, beta, "3x3_s2_odd", use_fused=True)
     for name in first:
         assert torch.equal(first[name], second[name]), name
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 14: sub-pixel dgrad (MMA work counted), one-launch partial merge, tensor descriptors,
+# autotune pruning, and every CUDA configuration in GPU-faithful mode.
+
+from fastres.precision import gpu_faithful  # noqa: E402
+from fastres.triton import conv as tconv  # noqa: E402
+
+
+@pytest.fixture
+def dot_counter(monkeypatch):
+    """Counts the MMAs (tl.dot calls) the interpreter executes, per program id."""
+    from triton.runtime import interpreter
+
+    calls = []
+    builder = interpreter.interpreter_builder
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, *args, **kwargs):
+        calls.append(builder.grid_idx)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    return calls
+
+
+def useful_dgrad_blocks(N, H, W, C, K, R, stride, pad, dil, bm, bn, bk):
+    """MMA tile-blocks dgrad needs: per phase (h mod σ, w mod σ), its row tiles × column tiles ×
+    the taps that hit that phase (r with h + π − r·δ divisible by σ) × channel blocks of K."""
+    import math
+    total = 0
+    for a in range(stride):
+        for b in range(stride):
+            taps_h = sum((a + pad - r * dil) % stride == 0 for r in range(R))
+            taps_w = sum((b + pad - s * dil) % stride == 0 for s in range(R))
+            rows = N * len(range(a, H, stride)) * len(range(b, W, stride))
+            if rows:
+                total += (math.ceil(rows / bm) * math.ceil(C / bn) * taps_h * taps_w
+                          * math.ceil(K / bk))
+    return total
+
+
+@pytest.mark.parametrize("geometry", ["3x3_s1", "3x3_s2_odd", "1x1_s2", "3x3_dil2"])
+def test_dgrad_issues_only_useful_mma(geometry, dot_counter):
+    C, K, R, stride, pad, dil, H, W = GEOMETRIES[geometry]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, C, H, W, generator=g)
+    w = torch.randn(K, C, R, R, generator=g)
+    dy = torch.randn(F.conv2d(x, w, None, stride, pad, dil).shape, generator=g)
+    cfg = tconv.conv_configs("dgrad")[0].kwargs
+    nhwc = lambda t: t.permute(0, 2, 3, 1).contiguous()  # noqa: E731
+    dx = tconv.conv_dgrad(nhwc(dy), nhwc(w), (H, W), (stride,) * 2, (pad,) * 2, (dil,) * 2)[0]
+    issued = len(dot_counter)
+    useful = useful_dgrad_blocks(2, H, W, C, K, R, stride, pad, dil, cfg["BLOCK_M"],
+                                 cfg["BLOCK_N"], cfg["BLOCK_K"])
+    dense_loop = math.ceil(2 * H * W / cfg["BLOCK_M"]) * math.ceil(C / cfg["BLOCK_N"]) * R * R \
+        * math.ceil(K / cfg["BLOCK_K"])  # what a loop over every tap would issue
+    print(f"{geometry}: issued {issued}, useful {useful}, ratio {issued / useful:.2f} "
+          f"(all-taps loop: {dense_loop})")
+    assert issued == useful
+    ref = torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double(), stride, pad, dil)
+    eager = torch.nn.grad.conv2d_input(x.shape, w, dy, stride, pad, dil)
+    assert_rule("dx", dx.permute(0, 3, 1, 2), eager, ref, torch.float32)
+
+
+import math  # noqa: E402
+
+
+def test_merge_partials_one_launch_matches_chan():
+    g = torch.Generator().manual_seed(0)
+    T, C, block = 150, 5, 32  # three chunks of 64 partials, a short last tile
+    total = (T - 1) * block + 7
+    data = torch.randn(total, C, generator=g, dtype=torch.float64) * 3 + 100
+    tiles = list(data.split(block))
+    tm = torch.stack([t.mean(0) for t in tiles]).float()
+    tq = torch.stack([((t - t.mean(0)) ** 2).sum(0) for t in tiles]).float()
+    mean, var = tconv.merge_tile_stats(tm, tq, block, total)
+    torch.testing.assert_close(mean.double(), data.mean(0), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(var.double(), data.var(0, correction=0), rtol=1e-5, atol=1e-5)
+    again = tconv.merge_tile_stats(tm, tq, block, total)
+    assert torch.equal(mean, again[0]) and torch.equal(var, again[1])
+    s, sx = tconv.merge_partials(tm, tq)
+    torch.testing.assert_close(s, tm.sum(0), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sx, tq.sum(0), rtol=1e-5, atol=1e-3)
+
+
+def test_prune_configs():
+    x16 = torch.empty(1, dtype=torch.float16)
+    x32 = torch.empty(1, dtype=torch.float32)
+    limit = tconv.H100_SHARED_MEMORY
+    args = lambda t, **kw: dict(dict(X=t, DY=t, C=64, K=64, HAS_DY_PROLOGUE=True), **kw)  # noqa
+    for kind in ("fwd", "dgrad", "wgrad"):
+        configs = tconv.cuda_conv_configs(kind)
+        fp32 = tconv.prune_configs(kind, configs, args(x32, C=1024, K=1024), limit)
+        assert all(tconv.shared_memory_bytes(kind, c, 4) <= limit for c in fp32)
+        assert len(tconv.prune_configs(kind, configs, args(x16, C=1024, K=1024), limit)) \
+            == len(configs)
+        small = tconv.prune_configs(kind, configs, args(x16), limit)  # 64 channels
+        assert small and all(c.kwargs["BLOCK_N"] <= 64 for c in small)
+    # The fp32 configs an sm_90 compile puts over 227 KiB are gone from the fp32 list.
+    tiles = lambda kind: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])  # noqa
+                          for c in tconv.cuda_conv_configs(kind, torch.float32)}
+    assert (128, 128, 64) not in tiles("dgrad") and (128, 128, 64) in tiles("fwd")
+    assert not {(128, 128, 64), (128, 64, 64)} & tiles("wgrad")
+    assert len(tconv.cuda_conv_configs("wgrad", torch.bfloat16)) == 4
+
+
+def _tiny_conv_case(geometry, dtype):
+    x, w, gamma, beta, conv_args = make(geometry, dtype, n=1)
+    return x, w, gamma, beta, conv_args
+
+
+@pytest.mark.parametrize("kind", ["fwd", "dgrad", "wgrad"])
+def test_every_cuda_config_gpu_faithful(kind):
+    """Each CUDA configuration, pinned, in GPU-faithful mode (fp32 accumulation, the CUDA branch):
+    the stride-2 3×3 layer with prologue, statistics and the statistics' gradient (sub-pixel dgrad)
+    and the 1×1 plain GEMM (tensor descriptors on the forward), fp16."""
+    dtype = torch.float16
+    for config in tconv.cuda_conv_configs(kind, dtype):
+        for geometry in (["3x3_s2_odd", "1x1_s1_16"] if kind == "fwd" else ["3x3_s2_odd"]):
+            with gpu_faithful(), tconv.pinned_config(kind, config):
+                x, w, gamma, beta, conv_args = _tiny_conv_case(geometry, dtype)
+                if kind == "fwd":
+                    ref = eager_bn_act_conv(x.double(), w.double(), gamma.double(),
+                                            beta.double(), conv_args, True)
+                    eager = eager_bn_act_conv(x, w, gamma, beta, conv_args, True)
+                    fused = fused_bn_act_conv(x, w, gamma, beta, conv_args, True)
+                    for name, f, e, r in zip(("y", "mean", "var"), fused, eager, ref):
+                        assert_rule(f"{config} {name}", f, e, r, dtype)
+                    continue
+                xs, ws, gs, bs = leaves(x, w, gamma, beta)
+                # Only the pinned kind is under test; the others run their own config.
+                y, mean, var = fused_bn_act_conv(xs, ws, gs, bs, conv_args, True)
+                gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+                ((y.float() * gy).sum() + mean.sum() + 3 * var.sum()).backward()
+                xr, wr, gr, br = leaves(x.double(), w.double(), gamma.double(), beta.double())
+                yr, mr, vr = eager_bn_act_conv(xr, wr, gr, br, conv_args, True)
+                ((yr * gy.double()).sum() + mr.sum() + 3 * vr.sum()).backward()
+                xe, we, ge, be = leaves(x, w, gamma, beta)
+                ye, me, ve = eager_bn_act_conv(xe, we, ge, be, conv_args, True)
+                ((ye.float() * gy).sum() + me.sum() + 3 * ve.sum()).backward()
+                for name, f, e, r in (("dx", xs.grad, xe.grad, xr.grad),
+                                      ("dw", ws.grad, we.grad, wr.grad),
+                                      ("dgamma", gs.grad, ge.grad, gr.grad)):
+                    assert_rule(f"{config} {name}", f, e, r, dtype)
+
+
+GEOMETRIES["1x1_s1_16"] = (16, 24, 1, 1, 0, 1, 4, 4)
+
+
+@pytest.mark.parametrize("faithful", [False, True], ids=["pointers", "descriptors"])
+def test_plain_gemm_forward_paths(faithful, monkeypatch):
+    """1×1 stride-1 forward: tensor descriptors (TMA) in GPU-faithful mode where Triton has them,
+    pointers otherwise; both exact under the rule."""
+    seen = []
+    original = tconv.use_tensor_descriptors
+    monkeypatch.setattr(tconv, "use_tensor_descriptors",
+                        lambda x, w: seen.append(original(x, w)) or seen[-1])
+    with gpu_faithful(faithful):
+        x, w, gamma, beta, conv_args = make("1x1_s1_16", torch.float32)
+        ref = eager_bn_act_conv(x.double(), w.double(), gamma.double(), beta.double(), conv_args,
+                                True)
+        eager = eager_bn_act_conv(x, w, gamma, beta, conv_args, True)
+        fused = fused_bn_act_conv(x, w, gamma, beta, conv_args, True)
+    has_descriptors = tconv.TensorDescriptor is not None
+    assert seen == [faithful and has_descriptors]
+    for name, f, e, r in zip(("y", "mean", "var"), fused, eager, ref):
+        assert_rule(name, f, e, r, torch.float32)

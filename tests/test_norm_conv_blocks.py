@@ -258,3 +258,91 @@ def test_saves_only_raw_conv_outputs():
     fused_bytes = saved_activation_bytes(lambda: block(x), params)
     assert eager_bytes >= 16 * 2 * 16 * 8 * 8 * 4
     assert fused_bytes <= 0.64 * eager_bytes, (fused_bytes, eager_bytes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 14: the residual BN's statistics come from the last conv's epilogue.
+
+
+def make_identity_block(kind, dtype, seed=0):
+    """A block without downsample (identity shortcut): stride 1, inplanes = planes · expansion."""
+    torch.manual_seed(seed)
+    cls = TVBottleneck if kind == "bottleneck" else TVBasicBlock
+    planes = 4
+    block = cls(planes * cls.expansion, planes)
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.normal_(m.bias, 0.0, 0.5)
+    block = block.to(DEV).to(memory_format=torch.channels_last)
+    for m in block.modules():
+        if isinstance(m, nn.Conv2d):
+            m.to(dtype)
+    x = torch.randn(2, planes * cls.expansion, 5, 5, device=DEV).to(dtype)
+    return block, x.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("kind, dtype", [("bottleneck", torch.float16), ("basic", torch.float32)])
+def test_identity_block_makes_no_statistics_pass(kind, dtype, monkeypatch):
+    """Without downsample: every gradient exact under the rule, and the forward computes no batch
+    statistics outside the conv epilogues (the BN-act backends' statistics pass never runs)."""
+    from fastres.ops import batch_norm_act as bn_ops
+    from fastres.triton import batch_norm_act as triton_bn
+
+    block, x = make_identity_block(kind, dtype)
+    ref, eager = eager_pair(block, x, True)
+    stats_passes = []
+    for module, names in ((triton_bn, ("batch_stats", "forward_train")),
+                          (bn_ops.TorchBackend, ("batch_stats", "forward_train"))):
+        for name in names:
+            if hasattr(module, name):
+                original = getattr(module, name)
+                monkeypatch.setattr(module, name, lambda *a, _f=original, **k:
+                                    stats_passes.append(1) or _f(*a, **k))
+    fused_block = copy.deepcopy(block)
+    fused_block.train()
+    xf = x.detach().clone().requires_grad_()
+    assert normconv.block_uses_normconv(fused_block, xf)
+    y = normconv._chain(fused_block, xf)
+    assert stats_passes == []
+    g = torch.Generator().manual_seed(1)
+    y.backward(torch.randn(y.shape, generator=g).to(y.device, y.dtype))
+    fused = {"y": y, "dx": xf.grad, **{"d" + n: p.grad for n, p in fused_block.named_parameters()},
+             **dict(fused_block.named_buffers())}
+    for name in ref:
+        f, e, r = fused[name], eager[name], ref[name]
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(f, e), name
+            continue
+        helpers.assert_rule(f, e.to(f.dtype), r, name)
+
+
+def test_resnet50_step_autotune_count(monkeypatch):
+    """What a CUDA device's autotuner does on the first ResNet-50 training step (bf16 autocast,
+    every Bottleneck on the normconv path): distinct autotune keys, configs benchmarked and
+    compiled variants, counted on CPU (the conv kernels are recorded, not run; the spatial size
+    is not part of any key, so a 32×32 batch of 2 hits the keys of 224×224 at batch 256)."""
+    import types
+
+    import torchvision
+
+    from fastres.triton import conv as tconv
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50().to(memory_format=torch.channels_last)
+    for m in model.modules():
+        if isinstance(m, TVBottleneck):
+            m.forward = types.MethodType(normconv.bottleneck_forward, m)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    # The convs take the Triton launchers (recorded), everything else the torch reference.
+    from fastres.ops import norm_conv as nc_ops
+    monkeypatch.setattr(nc_ops, "_backend_for", lambda x, groups, op: nc_ops.TritonBackend)
+    with fastres.use_backend("torch"), tconv.recording_autotune() as records:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().sum().backward()
+    counts = tconv.autotune_summary(records)
+    print("ResNet-50 step, bf16:", counts)
+    assert counts["launches"] == 16 * 3 * 3 - 16 * 0  # 16 blocks × 3 convs × (fwd, dgrad, wgrad)
+    assert counts["benchmark_runs"] < counts["benchmark_runs_unpruned"]
+    assert counts["compiled_variants"] <= counts["compiled_variants_unpruned"]

@@ -64,7 +64,14 @@ class BatchNormAct2d(nn.BatchNorm2d):
     ``fastres.functional.sync_batch_norm_act``: two small collectives per layer, no host sync); it
     falls back to local statistics while torch.distributed is not initialised ("world") or the group
     has one rank.
+
+    ``mask_from_output`` (attribute, default False): with a residual and the ReLU, backward takes
+    the ReLU mask from the saved output instead of keeping the residual (same results). fastres's
+    blocks and ``fastres.convert`` set it on a block's last BN when the residual is a downsample's
+    output, which nothing else keeps for backward, while the block output is kept by the next conv.
     """
+
+    mask_from_output: bool = False
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
@@ -127,7 +134,8 @@ class BatchNormAct2d(nn.BatchNorm2d):
                                          activation=self.activation, process_group=group)
         return F.batch_norm_act(input, running_mean, running_var, self.weight, self.bias,
                                 training, momentum, self.eps, residual=residual,
-                                activation=self.activation)
+                                activation=self.activation,
+                                mask_from_output=self.mask_from_output)
 
 
 class ResidualAct(nn.Module):

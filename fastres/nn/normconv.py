@@ -4,8 +4,8 @@ Training (all BNs in training mode), for a Bottleneck::
 
     y1, stats1 = conv1(x)                                  stats from conv1's epilogue
     y2, stats2 = conv2(relu(BN1(y1)))                      BN1-apply + ReLU in conv2's prologue
-    y3         = conv3(relu(BN2(y2)))                      BN2-apply + ReLU in conv3's prologue
-    out        = relu(BN3(y3) + identity)                  the foundation's fused BN + add + ReLU
+    y3, stats3 = conv3(relu(BN2(y2)))                      BN2-apply + ReLU in conv3's prologue
+    out        = relu(BN3(y3; stats3) + identity)          one apply pass (no statistics pass)
 
 (BasicBlock: the same with conv1 → conv2.) Only the raw conv outputs y1, y2, y3 and per-channel
 statistics are kept for backward; gradients flow exactly as in eager (see fastres/ops/norm_conv.py).
@@ -31,8 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from fastres import functional as F
+from fastres import tables as _tables
 from fastres.backend import get_backend, triton_interpreting
 from fastres.nn.batch_norm_act import BatchNormAct2d, exponential_average_factor
+from fastres.ops.norm_conv import bn_act_with_stats
 
 __all__ = ["NORMCONV_TABLE", "NORMCONV_TABLE_DEVICE", "set_normconv", "get_normconv",
            "conv_choice", "block_uses_normconv", "bottleneck_forward", "basic_block_forward"]
@@ -40,10 +42,10 @@ __all__ = ["NORMCONV_TABLE", "NORMCONV_TABLE_DEVICE", "set_normconv", "get_normc
 NORMCONV = "normconv"
 FALLBACK = "torch-conv+fused-bn"
 
-# (in_channels, out_channels, kernel, stride, dtype name) -> NORMCONV | FALLBACK.
-# Measured on: nothing yet (no session has had a GPU). Missing shapes take FALLBACK.
-NORMCONV_TABLE_DEVICE = "unmeasured"
-NORMCONV_TABLE: dict[tuple[int, int, int, int, str], str] = {}
+# (in_channels, out_channels, kernel, stride, dtype name) -> NORMCONV | FALLBACK. Generated data,
+# fastres/tables/normconv_table.json, written by `python -m benchmarks.tables` from a benchmark run on
+# NORMCONV_TABLE_DEVICE (never edited by hand); nothing measured yet. Missing shapes take FALLBACK.
+NORMCONV_TABLE_DEVICE, NORMCONV_TABLE = _tables.load_normconv_table()
 
 _MODES = ("auto", "on", "off")
 
@@ -93,8 +95,10 @@ def _plain_conv(conv) -> bool:
 
 def _plain_bn(bn) -> bool:
     # Exactly nn.BatchNorm2d or fastres's BatchNormAct2d: a subclass (a synchronised BN, say) may
-    # compute its statistics differently, so it keeps its own forward.
-    return type(bn) in (nn.BatchNorm2d, BatchNormAct2d)
+    # compute its statistics differently, so it keeps its own forward — as does a BatchNormAct2d
+    # synchronised over a process group (the conv epilogue's statistics are this rank's).
+    return type(bn) in (nn.BatchNorm2d, BatchNormAct2d) \
+        and getattr(bn, "process_group", None) is None
 
 
 def _convs_and_bns(block):
@@ -166,17 +170,20 @@ def _conv_args(conv: nn.Conv2d):
     return conv.stride, conv.padding, conv.dilation
 
 
-def _tail(bn: nn.BatchNorm2d, y: Tensor, identity: Tensor) -> Tensor:
-    """relu(BN(y) + identity): the foundation's fused op (a BatchNormAct2d's own forward)."""
-    if hasattr(bn, "activation"):  # fastres BatchNormAct2d
-        out = bn(y, identity)
-        return out if bn.activation == "relu" else torch.relu(out)
-    use_running = not bn.training or bn.track_running_stats
-    return F.batch_norm_act(y, bn.running_mean if use_running else None,
-                            bn.running_var if use_running else None, bn.weight, bn.bias,
-                            bn.training or bn.running_mean is None,
-                            exponential_average_factor(bn), bn.eps,
-                            residual=identity.to(y.dtype), activation="relu")
+def _tail_with_stats(bn: nn.BatchNorm2d, y: Tensor, mean: Tensor, var: Tensor,
+                     identity: Tensor) -> Tensor:
+    """Training: relu(BN(y) + identity) with y's batch statistics from its conv's epilogue — one
+    apply pass, no statistics pass. The backward is BN's own (the statistics' gradient is part of
+    dy for the conv, one rounding as in eager), so the conv's backward needs no dy_stats."""
+    count = y.numel() // y.shape[1]
+    if count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{tuple(y.shape)}")
+    momentum = exponential_average_factor(bn)
+    if bn.track_running_stats and bn.running_mean is not None:
+        F.update_running_stats(bn.running_mean, bn.running_var, mean.detach(), var.detach(), count,
+                               momentum)
+    return bn_act_with_stats(y, mean, var, bn.weight, bn.bias, identity.to(y.dtype), bn.eps, True)
 
 
 def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d):
@@ -222,9 +229,9 @@ def _chain_in_dtype(block, convs, bns, x: Tensor, identity: Tensor, dtype: torch
         y, mean, var = F.norm_conv(y, conv.weight.to(dtype), *_conv_args(conv), scale=scale,
                                    shift=shift, collect_stats=True)
         scale, shift = _bn_train_fold(bn, mean, var, y)
-    y, _, _ = F.norm_conv(y, convs[-1].weight.to(dtype), *_conv_args(convs[-1]), scale=scale,
-                          shift=shift)
-    return _tail(bns[-1], y, identity)
+    y, mean, var = F.norm_conv(y, convs[-1].weight.to(dtype), *_conv_args(convs[-1]), scale=scale,
+                               shift=shift, collect_stats=True)
+    return _tail_with_stats(bns[-1], y, mean, var, identity)
 
 
 def bottleneck_forward(block: nn.Module, x: Tensor) -> Tensor:

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from fastres.nn.batch_norm_act import BatchNormAct2d, ResidualAct
 from fastres.nn.normconv import maybe_normconv
 
-__all__ = ["BasicBlock", "Bottleneck", "TimmBasicBlock", "TimmBottleneck", "conv3x3", "conv1x1"]
+__all__ = ["BasicBlock", "Bottleneck", "TimmBasicBlock", "TimmBottleneck", "conv3x3", "conv1x1",
+           "free_downsample_residual"]
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1,
@@ -58,6 +59,16 @@ def adopt(cls, src: nn.Module, replace: dict):
     return new
 
 
+def free_downsample_residual(block: nn.Module) -> None:
+    """A block whose residual is its downsample's output (a tensor nothing else keeps for
+    backward) has its last fused BN keep the block output instead for the ReLU mask
+    (``BatchNormAct2d.mask_from_output``): the output is kept anyway as the next conv's input, so
+    the block saves one output-sized tensor less. Same results."""
+    last = getattr(block, "bn3", None) if hasattr(block, "conv3") else getattr(block, "bn2", None)
+    if getattr(block, "downsample", None) is not None and is_fused_relu(last):
+        last.mask_from_output = True
+
+
 def _default_norm(norm_layer):
     return BatchNormAct2d if norm_layer is None else norm_layer
 
@@ -83,6 +94,7 @@ class BasicBlock(nn.Module):
         self.bn2 = norm_layer(planes)
         self.downsample = downsample
         self.stride = stride
+        free_downsample_residual(self)
 
     def forward(self, x: Tensor) -> Tensor:
         fused = maybe_normconv(self, x)  # the normconv path, where selected (fastres.nn.normconv)
@@ -114,6 +126,7 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)  # used only when a norm layer is not a fused one
         self.downsample = downsample
         self.stride = stride
+        free_downsample_residual(self)
 
     def forward(self, x: Tensor) -> Tensor:
         fused = maybe_normconv(self, x)  # the normconv path, where selected (fastres.nn.normconv)

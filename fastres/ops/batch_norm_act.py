@@ -19,8 +19,8 @@ Custom ops (namespace ``fastres``), each with a fake implementation:
     batch_norm_act_backward_dx(dy, x, mean, invstd, weight?, bias?, residual?, mean_dy?, mean_dy_xhat?,
         relu, need_dresidual) -> (dx, dresidual)
 
-Saved for backward: the BN input x (and the residual when there is a ReLU, to recompute its mask)
-and per-channel fp32 mean and variance — never the normalised or activated tensor. That is
+Saved for backward: the BN input x (and the residual when there is a ReLU, to recompute its mask;
+or, with ``mask_from_output``, the output instead) and per-channel fp32 mean and variance — never the normalised or activated tensor. That is
 sizeof(dtype) bytes per element of x — 2 for bf16/fp16, 4 for fp32 — or twice that with residual +
 ReLU (the residual is usually kept alive by the previous block anyway), plus 8 bytes per channel.
 Eager BN + add + ReLU saves the input, the BN output and the ReLU output: 3·sizeof(dtype).
@@ -200,9 +200,16 @@ def batch_norm_act_op(
     training: bool,
     eps: float,
     relu: bool,
+    mask_from_output: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """y = act(BN(x) [+ residual]); returns (y, mean, var) — the fp32 per-channel statistics used:
-    the batch's (biased variance) in training, the running ones otherwise."""
+    the batch's (biased variance) in training, the running ones otherwise.
+
+    mask_from_output (only with residual and relu): autograd saves y instead of the residual and
+    takes the ReLU mask from it (eager's threshold_backward rule; the same mask, since y is the
+    rounded pre-activation where it is > 0). For a residual nothing else keeps alive (a downsample's
+    output) whose block output is kept anyway (the next conv's input): one tensor less saved, one
+    elementwise pass more in backward."""
     x, residual = _prepare(x, residual)
     if training:
         if channel_count(x) == 0:
@@ -225,7 +232,8 @@ def batch_norm_act_op(
 
 
 @batch_norm_act_op.register_fake
-def _(x, weight, bias, residual, running_mean, running_var, training, eps, relu):
+def _(x, weight, bias, residual, running_mean, running_var, training, eps, relu,
+      mask_from_output=False):
     return empty_output(x), per_channel(x), per_channel(x)
 
 
@@ -303,41 +311,52 @@ def _(dy, x, mean, invstd, weight, bias, residual, mean_dy, mean_dy_xhat, relu, 
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, running_mean, running_var, training, eps, relu = inputs
-    _, mean, var = output
+    x, weight, bias, residual, running_mean, running_var, training, eps, relu = inputs[:9]
+    mask_from_output = len(inputs) > 9 and inputs[9]
+    y, mean, var = output
     fmt = memory_format(x)
-    # The residual is only needed to recompute the ReLU mask.
-    saved_residual = dense(residual, fmt) if (residual is not None and relu) else None
-    ctx.save_for_backward(dense(x, fmt), weight, bias, saved_residual, mean, var)
+    # The residual is only needed to recompute the ReLU mask (or the output gives the mask).
+    ctx.mask_from_output = bool(mask_from_output and residual is not None and relu)
+    saved_residual = dense(residual, fmt) if (residual is not None and relu
+                                              and not ctx.mask_from_output) else None
+    saved_output = y if ctx.mask_from_output else None
+    ctx.save_for_backward(dense(x, fmt), weight, bias, saved_residual, mean, var, saved_output)
     ctx.training, ctx.eps, ctx.relu = training, eps, relu
     ctx.has_residual = residual is not None
 
 
 def _backward(ctx, dy, _dmean, _dvar):
-    x, weight, bias, residual, mean, var = ctx.saved_tensors
+    x, weight, bias, residual, mean, var, y = ctx.saved_tensors
     need_dx, need_dw, need_db, need_dres = ctx.needs_input_grad[:4]
     invstd = torch.rsqrt(var + ctx.eps)
     dy = dense(dy, memory_format(x))
+    relu = ctx.relu
+    if ctx.mask_from_output:
+        # dy' = dy where y > 0 (NaN passes), then the BN backward without the ReLU; dres = dy'.
+        dy = torch.ops.aten.threshold_backward(dy, dense(y, memory_format(x)), 0)
+        relu = False
     sum_dy = sum_dy_xhat = None
     if ctx.training or need_dw or need_db:
         sum_dy, sum_dy_xhat = batch_norm_act_backward_reduce(
-            dy, x, mean, invstd, weight, bias, residual, ctx.relu)
+            dy, x, mean, invstd, weight, bias, residual, relu)
     dx = dres = None
     if need_dx or need_dres:
         mean_dy = mean_dy_xhat = None
         if ctx.training:
             m = max(channel_count(x), 1)
             mean_dy, mean_dy_xhat = sum_dy / m, sum_dy_xhat / m
+        write_dres = bool(need_dres and ctx.has_residual and not ctx.mask_from_output)
         dx, dres = batch_norm_act_backward_dx(
-            dy, x, mean, invstd, weight, bias, residual, mean_dy, mean_dy_xhat, ctx.relu,
-            bool(need_dres and ctx.has_residual))
+            dy, x, mean, invstd, weight, bias, residual, mean_dy, mean_dy_xhat, relu, write_dres)
+        if ctx.mask_from_output:
+            dres = dy  # the masked gradient is the residual's
         if not need_dx:
             dx = None
         if not (need_dres and ctx.has_residual):
             dres = None
     dw = sum_dy_xhat.to(weight.dtype) if (need_dw and weight is not None) else None
     db = sum_dy.to(bias.dtype) if (need_db and bias is not None) else None
-    return dx, dw, db, dres, None, None, None, None, None
+    return dx, dw, db, dres, None, None, None, None, None, None
 
 
 batch_norm_act_op.register_autograd(_backward, setup_context=_setup_context)

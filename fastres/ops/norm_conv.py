@@ -33,6 +33,10 @@ Custom ops (namespace ``fastres``), each with a fake implementation:
     norm_conv_wgrad(dy, x, weight, scale?, shift?, stride, padding, dilation, groups,
                     y?, y_mean?, dmean?, dvar?) -> dweight
         (y, y_mean, dmean, dvar: the statistics' gradient, folded into dy while loading it)
+    bn_act_with_stats(x, mean, var, weight?, bias?, residual?, eps, relu) -> y
+        training-mode act(BN(x) + residual) with x's batch statistics given (from the conv
+        epilogue that produced x): one apply pass; the backward is BN's own training backward
+        (the statistics' gradient is part of dx), none is returned to mean / var  autograd registered
     conv_bias_act(x, weight, bias?, residual?, stride, padding, dilation, groups, relu) -> y
         y = act(conv2d(x, weight) + bias + residual): eval mode's conv with the folded BN, the add
         and the ReLU in the conv's epilogue (one rounding)                      autograd registered
@@ -50,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastres.backend import resolve
+from fastres.layout import dense, empty_output, memory_format
 
 CL = torch.channels_last
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -439,3 +444,70 @@ def _cba_backward(ctx, dy):
 
 
 conv_bias_act.register_autograd(_cba_backward, setup_context=_cba_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training-mode BN + residual + ReLU from statistics computed elsewhere (a conv's epilogue).
+
+
+def _bn_ops():
+    from fastres.ops import batch_norm_act as bn_ops
+
+    return bn_ops
+
+
+@torch.library.custom_op("fastres::bn_act_with_stats", mutates_args=())
+def bn_act_with_stats(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    eps: float,
+    relu: bool,
+) -> Tensor:
+    """Training-mode act(BN(x) [+ residual]) whose batch statistics — x's own mean and biased
+    variance, fp32 per channel — were computed elsewhere (by the epilogue of the conv that produced
+    x), so the forward is one apply pass. The backward is F.batch_norm's training backward: the
+    gradient through the statistics is part of dx (dx = a·dy' + k·(x − mean) + c, one rounding,
+    as eager), so none is returned to ``mean`` and ``var``: they must be x's batch statistics."""
+    return _bn_ops().batch_norm_act_op(x, weight, bias, residual, mean, var, False, eps, relu)[0]
+
+
+@bn_act_with_stats.register_fake
+def _(x, mean, var, weight, bias, residual, eps, relu):
+    return empty_output(x)
+
+
+def _bas_setup_context(ctx, inputs, output):
+    x, mean, var, weight, bias, residual, eps, relu = inputs
+    fmt = memory_format(x)
+    # The residual is needed only to recompute the ReLU mask.
+    ctx.save_for_backward(dense(x, fmt), mean, var, weight, bias,
+                          dense(residual, fmt) if (relu and residual is not None) else None)
+    ctx.eps, ctx.relu, ctx.has_residual = eps, relu, residual is not None
+
+
+def _bas_backward(ctx, dy):
+    """The BN-act op's training backward: one reduction pass (Σdy', Σdy'·x̂), one dx pass."""
+    x, mean, var, weight, bias, residual = ctx.saved_tensors
+    need_dx, _, _, need_dw, need_db, need_dres = ctx.needs_input_grad[:6]
+    bn = _bn_ops()
+    invstd = torch.rsqrt(var + ctx.eps)
+    sum_dy, sum_dy_xhat = bn.batch_norm_act_backward_reduce(dy, x, mean, invstd, weight, bias,
+                                                            residual, ctx.relu)
+    dx = dres = None
+    want_dres = bool(need_dres and ctx.has_residual)
+    if need_dx or want_dres:
+        m = max(x.numel() // x.shape[1], 1)
+        dx, dres = bn.batch_norm_act_backward_dx(dy, x, mean, invstd, weight, bias, residual,
+                                                 sum_dy / m, sum_dy_xhat / m, ctx.relu, want_dres)
+        dx = dx if need_dx else None
+        dres = dres if want_dres else None
+    dw = sum_dy_xhat.to(weight.dtype) if (need_dw and weight is not None) else None
+    db = sum_dy.to(bias.dtype) if (need_db and bias is not None) else None
+    return dx, None, None, dw, db, dres, None, None
+
+
+bn_act_with_stats.register_autograd(_bas_backward, setup_context=_bas_setup_context)

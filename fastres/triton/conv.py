@@ -14,8 +14,14 @@ Kernels (one launcher each):
                           act(x)).
                 EPILOGUE: + bias[k] [+ residual] [relu] (eval: conv with the folded BN).
                 STATS:    per-output-channel (mean, M2) of each M-tile of the stored (rounded) y,
-                          merged by ``merge_tile_stats`` in fixed order (Chan) — deterministic.
+                          merged in one launch (``merge_partials``: chunks of 64 tiles reduced as a
+                          tree, chunks Chan-merged in fixed order) — deterministic.
+                1×1 stride-1 layers (plain GEMMs) load x and w through tensor descriptors (TMA)
+                on sm_90+ when Triton has them (``use_tensor_descriptors``), else pointers.
     conv_dgrad  dx[n,h,w,c] = Σ_{r,s,k} dy[n,p,q,k] · w[k,r,s,c] over taps with h = p·σ−π+r·δ;
+                sub-pixel decomposition: one grid slice per phase (h mod σ, w mod σ), each looping
+                over only the taps that hit that phase (no MMA on masked taps; a 3×3 stride-2
+                layer issues 2.25 taps per pixel on average instead of 9);
                 PROLOGUE (the BN-act backward of the layer that produced x): the ReLU mask
                 recomputed from the saved raw x (pass unless round(x·scale+shift) ≤ 0: PyTorch's
                 threshold rule), da' = da·mask, the stored gradient is scale·da' (the gradient wrt
@@ -28,10 +34,18 @@ Kernels (one launcher each):
     dy while loading it (``dy_stats``): dy_eff = dy + dmean/M + (2·dvar/M)·(y − mean).
 
 groups = 1 only; the op layer falls back to eager conv otherwise.
+
+Autotuning (CUDA): each kernel's configurations are pruned before benchmarking
+(``prune_configs``: the device's shared memory for the operand dtype, and tiles no larger than
+the problem); sizes that need no specialisation (N, H, W, P, Q, padding, dilation) are
+``do_not_specialize``. ``recording_autotune`` / ``autotune_summary`` count what a training step
+costs the autotuner without a GPU.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import os
 
 import torch
@@ -45,21 +59,70 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def cuda_conv_configs(kind: str) -> list:
+# Shared memory a CTA may use on the target GPU: 227 KiB on H100/H200 (sm_90), 163 KiB on A100.
+# CPU runs in GPU-faithful mode take the H100's.
+H100_SHARED_MEMORY = 232448
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_shared_memory(index: int) -> int:
+    props = triton.runtime.driver.active.utils.get_device_properties(index)
+    return int(props["max_shared_mem"])
+
+
+def device_shared_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_shared_memory(device.index if device.index is not None
+                                   else torch.cuda.current_device())
+    return H100_SHARED_MEMORY
+
+
+def shared_memory_bytes(kind: str, config, elem_bytes: int, dy_stats: bool = True) -> int:
+    """Shared memory of one ``kind`` kernel with ``config``: the pipeliner keeps num_stages copies
+    of every tile the main loop loads — A and B, and the saved output y when the statistics'
+    gradient is folded into dy (dgrad / wgrad ``dy_stats``).
+
+    Checked against an ahead-of-time compile for sm_90 with the launcher's specialisation
+    (pointers and C, K divisible by 16; triton 3.8), fp32 / TF32, in bytes (model → compiled):
+    dgrad 128×128×64 s3 with dy_stats 294912 → 296448, without 196608 → 196608; wgrad 128×64×64
+    s4 with dy_stats 327680 → 294912, without 196608 → 196608; wgrad 128×128×64 s3 with dy_stats
+    294912 → 262144; fwd 128×128×64 s3 with prologue and statistics 196608 → 230400. Against the
+    227 KiB limit the model keeps and drops exactly the configs the compiler does."""
+    m, n, k = (config.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    tiles = m * k + k * n
+    if kind != "fwd" and dy_stats:
+        tiles += m * k
+    return config.num_stages * tiles * elem_bytes
+
+
+# Configurations as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Compiled ahead of time for
+# sm_90 with the launcher's specialisation, every one lowers to wgmma with cp.async pipelining and
+# spills at most 16 bytes (fp32 wgrad 128×64×64 s4 with both prologues); fp32 tiles are bounded by
+# shared memory instead (``shared_memory_bytes``; the autotuner prunes what does not fit).
+_CUDA_SHAPES = {
+    # wgrad: M = output channels, N = input channels (per tap), K = pixels (long reduction).
+    "wgrad": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)],
+    "fwd": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+            (64, 64, 64, 4, 3)],
+}
+_CUDA_SHAPES["dgrad"] = _CUDA_SHAPES["fwd"]
+
+
+def cuda_conv_configs(kind: str, dtype: torch.dtype = None) -> list:
     """The autotune configurations a CUDA device chooses from, for one kernel kind ("fwd", "dgrad",
     "wgrad"): a small list that covers Hopper (H100/H200) and Ampere (A100) — big tiles with 3-4
-    stages for the wide layers, narrower ones for the 64-channel layers. Unmeasured: no session has
-    had a GPU yet, so the list is a starting point, not a tuned result."""
-    if kind == "wgrad":
-        # M = output channels, N = input channels (per tap), K = pixels (long reduction).
-        # (64×128×64 with 4 warps spilled ~2 KB per thread on sm_90: tools/conv_compile_report.py)
-        shapes = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
-                  (64, 64, 64, 4, 4)]
-    else:
-        shapes = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 32, 4, 4),
-                  (64, 128, 32, 4, 4), (64, 64, 64, 4, 3)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in shapes]
+    stages for the wide layers, narrower ones for the 64-channel layers. With ``dtype``, only those
+    that fit an H100's shared memory for that dtype in every variant (fp32 drops dgrad 128×128×64
+    and wgrad 128×128×64 / 128×64×64). Unmeasured: no session has had a GPU yet, so the list is a
+    starting point, not a tuned result."""
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
+                             num_stages=s, pre_hook=_set_descriptor_blocks)
+               for m, n, k, w, s in _CUDA_SHAPES[kind]]
+    if dtype is not None:
+        size = torch.empty((), dtype=dtype).element_size()
+        configs = [c for c in configs
+                   if shared_memory_bytes(kind, c, size) <= H100_SHARED_MEMORY]
+    return configs
 
 
 def conv_configs(kind: str) -> list:
@@ -69,8 +132,44 @@ def conv_configs(kind: str) -> list:
     ``pinned_config``."""
     if _interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4,
-                              num_stages=1)]
+                              num_stages=1, pre_hook=_set_descriptor_blocks)]
     return cuda_conv_configs(kind)
+
+
+def prune_configs(kind: str, configs, named_args: dict, limit: int = None) -> list:
+    """The configurations worth benchmarking for one launch: those that fit the device's shared
+    memory (for the operand dtype, with or without the saved-output tile of ``dy_stats``), then, of
+    those, the ones whose tile does not exceed the problem — BLOCK_N ≤ next_pow2(columns) and, for
+    fwd / dgrad, BLOCK_K ≤ next_pow2(reduced channels), for wgrad BLOCK_M ≤ next_pow2(K) — or, if
+    none is that small, the smallest."""
+    act = named_args["X"] if kind == "fwd" else named_args["DY"]
+    dy_stats = bool(named_args.get("HAS_DY_PROLOGUE", False))
+    limit = device_shared_memory(act.device) if limit is None else limit
+    fits = [c for c in configs
+            if shared_memory_bytes(kind, c, act.element_size(), dy_stats) <= limit]
+    if not fits:
+        raise RuntimeError(f"conv {kind}: no configuration fits {limit} bytes of shared memory")
+    C, K = named_args["C"], named_args["K"]
+    cols, reduced, rows = {"fwd": (K, C, None), "dgrad": (C, K, None), "wgrad": (C, None, K)}[kind]
+    p2 = lambda v: max(16, triton.next_power_of_2(v))  # noqa: E731
+
+    def small_enough(c):
+        kw = c.kwargs
+        return (kw["BLOCK_N"] <= p2(cols) and (reduced is None or kw["BLOCK_K"] <= p2(reduced))
+                and (rows is None or kw["BLOCK_M"] <= p2(rows)))
+
+    kept = [c for c in fits if small_enough(c)]
+    if not kept:
+        area = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]  # noqa
+        smallest = min(area(c) for c in fits)
+        kept = [c for c in fits if area(c) == smallest]
+    return kept
+
+
+def _early_prune(kind: str):
+    def prune(configs, named_args, **kwargs):
+        return prune_configs(kind, configs, {**named_args, **kwargs})
+    return prune
 
 
 def _autotuned(kind: str):
@@ -103,21 +202,59 @@ def input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+# Arguments whose value needs no specialisation: Triton would otherwise compile one variant per
+# (divisible by 16, equal to 1, other) class of each, e.g. per batch size and image size.
+_NO_SPECIALIZE = ["N", "H", "W_in", "P", "Q", "pad_h", "pad_w", "dil_h", "dil_w"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensor descriptors (TMA on Hopper) for the plain-GEMM forward: 1×1, stride 1, no padding.
+
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton without host-side tensor descriptors: the pointer path only
+    TensorDescriptor = None
+
+
+def _set_descriptor_blocks(nargs):
+    """Config pre-hook: the descriptors' block shapes are the config's tiles."""
+    if TensorDescriptor is not None and isinstance(nargs.get("X_DESC"), TensorDescriptor):
+        nargs["X_DESC"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+        nargs["W_DESC"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+def use_tensor_descriptors(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """The plain-GEMM forward loads through tensor descriptors when Triton has them and the device
+    has TMA (sm_90+; GPU-faithful CPU runs model an H100), and the rows are 16-byte aligned."""
+    if TensorDescriptor is None or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if x.is_cuda:
+        if torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+    elif not (cuda_class(x.device) and _interpreting()):
+        return False
+    C = x.shape[-1]
+    return ((C * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0
+            and w.data_ptr() % 16 == 0)
+
+
 # --------------------------------------------------------------------------------------------------
 # Forward.
 
 
 @triton.autotune(configs=conv_configs("fwd"),
                  key=["C", "K", "R", "S", "stride_h", "HAS_PROLOGUE", "HAS_STATS", "PLAIN_GEMM",
-                      "HAS_BIAS", "HAS_RESIDUAL", "RELU"])
-@triton.jit
+                      "USE_TMA", "HAS_BIAS", "HAS_RESIDUAL", "RELU"],
+                 prune_configs_by={"early_config_prune": _early_prune("fwd")})
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _conv_fwd_kernel(
-    X, W, Y, SCALE, SHIFT, TILE_MEAN, TILE_M2, BIAS, RESIDUAL,
+    X, W, Y, SCALE, SHIFT, TILE_MEAN, TILE_M2, BIAS, RESIDUAL, X_DESC, W_DESC,
     N, H, W_in, C, P, Q, K,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     R: tl.constexpr, S: tl.constexpr,
     HAS_PROLOGUE: tl.constexpr, HAS_STATS: tl.constexpr, PLAIN_GEMM: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    USE_TMA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -140,9 +277,11 @@ def _conv_fwd_kernel(
     num_c_blocks = tl.cdiv(C, BLOCK_K)
     for t in range(0, R * S * num_c_blocks):
         rs = t // num_c_blocks
-        c = (t - rs * num_c_blocks) * BLOCK_K + offs_c
+        c0 = (t - rs * num_c_blocks) * BLOCK_K
+        c = c0 + offs_c
         r = rs // S
         s = rs - r * S
+        c_ok = c < C
         if PLAIN_GEMM:  # 1×1, stride 1, no padding: the pixel index is the row index.
             pix_ok = m_ok
             x_rows = offs_m.to(tl.int64) * C
@@ -151,9 +290,14 @@ def _conv_fwd_kernel(
             w = q * stride_w - pad_w + s * dil_w
             pix_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W_in)
             x_rows = ((img * H + h) * W_in + w) * C
-        c_ok = c < C
         a_mask = pix_ok[:, None] & c_ok[None, :]
-        a = tl.load(X + x_rows[:, None] + c[None, :], mask=a_mask, other=0.0)
+        if USE_TMA:  # plain GEMM: x is [M, C] and w is [K, C]; out-of-range elements read 0
+            a = X_DESC.load([pid_m * BLOCK_M, c0])
+            b = tl.trans(W_DESC.load([pid_n * BLOCK_N, c0]))
+        else:
+            a = tl.load(X + x_rows[:, None] + c[None, :], mask=a_mask, other=0.0)
+            b = tl.load(W + w_rows[None, :] + (rs * C + c)[:, None],
+                        mask=c_ok[:, None] & n_ok[None, :], other=0.0)
         if HAS_PROLOGUE:
             scale = tl.load(SCALE + c, mask=c_ok, other=0.0)
             shift = tl.load(SHIFT + c, mask=c_ok, other=0.0)
@@ -161,8 +305,6 @@ def _conv_fwd_kernel(
             z = tl.where(z < 0.0, 0.0, z)  # relu that keeps NaN, as torch.relu does
             # Padding is zero in act(x), so mask after the transform (relu(shift) ≠ 0).
             a = tl.where(a_mask, z, 0.0).to(X.dtype.element_ty)
-        b = tl.load(W + w_rows[None, :] + (rs * C + c)[:, None],
-                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     out_mask = m_ok[:, None] & n_ok[None, :]
     out_offs = offs_m.to(tl.int64)[:, None] * K + offs_n[None, :]
@@ -186,15 +328,83 @@ def _conv_fwd_kernel(
         tl.store(TILE_M2 + pid_m * K + offs_n, m2, mask=n_ok)
 
 
+# --------------------------------------------------------------------------------------------------
+# Merge of per-tile partials (the conv epilogues' statistics and sums): one launch, one program per
+# BLOCK_C channels. Each chunk of MERGE_CHUNK partials is reduced at once (tl.sum: a tree in a fixed
+# order), the chunks in sequence: the dependent chain is T/MERGE_CHUNK merges, not T.
+
+MERGE_CHUNK = 64
+
+
+@triton.jit
+def _chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan's merge of (count, mean, M2); an empty side (count 0) leaves the other unchanged, and a
+    non-finite mean propagates as a sum would (inf + finite = inf), as eager's mean does."""
+    n = n_a + n_b
+    frac = tl.where(n > 0.0, n_b / tl.where(n > 0.0, n, 1.0), 0.0)
+    delta = mean_b - mean_a
+    finite = (tl.abs(mean_a) < float("inf")) & (tl.abs(mean_b) < float("inf"))
+    mean = tl.where(finite, mean_a + delta * frac, mean_a + mean_b)  # an empty side's mean is 0
+    m2 = m2_a + m2_b + tl.where(n_a * n_b > 0.0, delta * delta * (n_a * frac), 0.0)
+    return n, mean, m2
+
+
+@triton.jit(do_not_specialize=["T", "total", "rows_per_tile"])
+def _merge_partials_kernel(
+    PART_A, PART_B, OUT_A, OUT_B, T, C, total, rows_per_tile,
+    CHAN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # CHAN: PART_A / PART_B are per-tile (mean, M2) of tiles of rows_per_tile rows (the last one
+    # shorter; total rows in all) → OUT_A = mean, OUT_B = biased variance. Else plain sums.
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    n_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    a_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    b_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        tiles = t0 + tl.arange(0, BLOCK_T)
+        t_ok = tiles < T
+        mask = t_ok[:, None] & c_ok[None, :]
+        offs = tiles.to(tl.int64)[:, None] * C + cols[None, :]
+        a = tl.load(PART_A + offs, mask=mask, other=0.0)
+        b = tl.load(PART_B + offs, mask=mask, other=0.0)
+        if CHAN:
+            rows = tl.minimum(total - tiles * rows_per_tile, rows_per_tile).to(tl.float32)
+            n = tl.where(mask, rows[:, None], 0.0)
+            # The chunk at once (tl.sum: a tree in fixed order): its count, mean and
+            # M2 = ΣM2ᵢ + Σnᵢ(meanᵢ − mean)², then Chan-merged into the running result.
+            n_b = tl.sum(n, axis=0)
+            mean_b = tl.sum(n * a, axis=0) / tl.where(n_b > 0.0, n_b, 1.0)
+            d = tl.where(mask, a - mean_b[None, :], 0.0)
+            m2_b = tl.sum(b, axis=0) + tl.sum(n * d * d, axis=0)
+            n_acc, a_acc, b_acc = _chan_combine(n_acc, a_acc, b_acc, n_b, mean_b, m2_b)
+        else:
+            a_acc += tl.sum(a, axis=0)
+            b_acc += tl.sum(b, axis=0)
+    if CHAN:
+        b_acc = b_acc / total
+    tl.store(OUT_A + cols, a_acc, mask=c_ok)
+    tl.store(OUT_B + cols, b_acc, mask=c_ok)
+
+
+def merge_partials(part_a, part_b, rows_per_tile: int = 0, total: int = 0, chan: bool = False):
+    """One launch over per-tile partials [T, C] (fp32): with ``chan``, per-tile (mean, M2) of tiles
+    of ``rows_per_tile`` rows (``total`` in all) → per-channel (mean, biased var); else the
+    per-channel sums of both. Fixed order, no host sync."""
+    T, C = part_a.shape
+    out_a = torch.empty(C, dtype=torch.float32, device=part_a.device)
+    out_b = torch.empty_like(out_a)
+    block_c = min(triton.next_power_of_2(max(C, 1)), 64)
+    _merge_partials_kernel[(triton.cdiv(C, block_c),)](
+        part_a, part_b, out_a, out_b, T, C, total, rows_per_tile,
+        CHAN=chan, BLOCK_T=MERGE_CHUNK, BLOCK_C=block_c, num_warps=4)
+    return out_a, out_b
+
+
 def merge_tile_stats(tile_mean, tile_m2, block_m: int, total: int):
-    """Chan's parallel merge of per-tile (mean, M2) rows [T, K] (tile i holds min(block_m, total −
-    i·block_m) rows) into per-channel (mean, biased var). Fixed order, no host sync."""
-    T = tile_mean.shape[0]
-    counts = (total - torch.arange(T, device=tile_mean.device) * block_m).clamp(max=block_m)
-    counts = counts.to(torch.float32)[:, None]
-    mean = (tile_mean * counts).sum(0) / total
-    m2 = tile_m2.sum(0) + (counts * (tile_mean - mean) ** 2).sum(0)
-    return mean, m2 / total
+    """Chan's merge of per-tile (mean, M2) rows [T, K] (tile i holds min(block_m, total −
+    i·block_m) rows) into per-channel (mean, biased var)."""
+    return merge_partials(tile_mean, tile_m2, block_m, total, chan=True)
 
 
 def conv_fwd(x, w, scale, shift, stride, padding, dilation, collect_stats, bias=None,
@@ -214,15 +424,20 @@ def conv_fwd(x, w, scale, shift, stride, padding, dilation, collect_stats, bias=
     tile_mean = torch.empty((tiles, K), dtype=torch.float32, device=x.device)
     tile_m2 = torch.empty_like(tile_mean)
     plain = R == 1 and S == 1 and (sh, sw, ph, pw) == (1, 1, 0, 0)
+    x_desc = w_desc = None
+    if plain and use_tensor_descriptors(x, w):
+        # Block shapes are set per config by the pre-hook (_set_descriptor_blocks).
+        x_desc = TensorDescriptor.from_tensor(x.view(M, C), [16, 16])
+        w_desc = TensorDescriptor.from_tensor(w.view(K, C), [16, 16])
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),  # noqa: E731
                          triton.cdiv(K, meta["BLOCK_N"]))
     _conv_fwd_kernel[grid](
         x, w, y, scale if has_prologue else x, shift if has_prologue else x, tile_mean, tile_m2,
-        x if bias is None else bias, x if residual is None else residual,
+        x if bias is None else bias, x if residual is None else residual, x_desc, w_desc,
         N, H, W_in, C, P, Q, K, sh, sw, ph, pw, dh, dw,
         R=R, S=S, HAS_PROLOGUE=has_prologue, HAS_STATS=collect_stats, PLAIN_GEMM=plain,
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
-        INPUT_PRECISION=input_precision(x.dtype))
+        USE_TMA=x_desc is not None, HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None, RELU=relu, INPUT_PRECISION=input_precision(x.dtype))
     if not collect_stats:
         return y, None, None
     # The tile height the autotuner picked decides how many partial rows were written.
@@ -256,51 +471,75 @@ def _dy_with_stats_grad(dy, y_ptrs, mask, Y_MEAN, DY_ALPHA, DY_BETA, k, k_ok,
 # Data gradient.
 
 
-@triton.autotune(configs=conv_configs("dgrad"),
-                 key=["C", "K", "R", "S", "stride_h", "HAS_PROLOGUE", "PLAIN_GEMM",
-                      "HAS_DY_PROLOGUE"])
 @triton.jit
+def _first_tap(base, dil, stride, R: tl.constexpr):
+    """The first tap r in [0, R) with (base − r·dil) divisible by stride, or R if none."""
+    first = R
+    for r in tl.static_range(R - 1, -1, -1):
+        first = tl.where((base - r * dil) % stride == 0, r, first)
+    return first
+
+
+@triton.autotune(configs=conv_configs("dgrad"),
+                 key=["C", "K", "R", "S", "stride_h", "stride_w", "HAS_PROLOGUE", "PLAIN_GEMM",
+                      "HAS_DY_PROLOGUE"],
+                 prune_configs_by={"early_config_prune": _early_prune("dgrad")})
+@triton.jit(do_not_specialize=_NO_SPECIALIZE + ["tap_step_h", "tap_step_w"])
 def _conv_dgrad_kernel(
     DY, W, DX, X, SCALE, SHIFT, TILE_SUM, TILE_SUM_X, Y, Y_MEAN, DY_ALPHA, DY_BETA,
     N, H, W_in, C, P, Q, K,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, tap_step_h, tap_step_w,
     R: tl.constexpr, S: tl.constexpr,
     HAS_PROLOGUE: tl.constexpr, PLAIN_GEMM: tl.constexpr, HAS_DY_PROLOGUE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # GEMM view: rows = input pixels (N·H·W), columns = input channels C, reduction over (r, s, k).
+    # GEMM view: rows = input pixels, columns = input channels C, reduction over (r, s, k).
+    # Sub-pixel decomposition: program_id(2) is the phase (h mod σh, w mod σw); the pixels of one
+    # phase are hit by the same taps — r with (h + π − r·δ) divisible by σ: r0, r0 + step, ... —
+    # so the loop runs over those taps only and issues no MMA on taps that miss every pixel.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    M = N * H * W_in
+    phase = tl.program_id(2)
+    phase_h = phase // stride_w
+    phase_w = phase - phase_h * stride_w
+    rows_h = tl.maximum(H - phase_h + stride_h - 1, 0) // stride_h  # pixel rows of this phase
+    cols_w = tl.maximum(W_in - phase_w + stride_w - 1, 0) // stride_w
+    M = N * rows_h * cols_w
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < C
-    img = (offs_m // (H * W_in)).to(tl.int64)
-    hw = offs_m % (H * W_in)
-    h = hw // W_in
-    w = hw % W_in
+    per_img = tl.maximum(rows_h * cols_w, 1)
+    img = (offs_m // per_img).to(tl.int64)
+    hw = offs_m % per_img
+    h = phase_h + (hw // tl.maximum(cols_w, 1)) * stride_h
+    w = phase_w + (hw % tl.maximum(cols_w, 1)) * stride_w
+    r0 = _first_tap(phase_h + pad_h, dil_h, stride_h, R)
+    s0 = _first_tap(phase_w + pad_w, dil_w, stride_w, S)
+    taps_h = (R - r0 + tap_step_h - 1) // tap_step_h
+    taps_w = (S - s0 + tap_step_w - 1) // tap_step_w
+    # A program past its phase's pixels issues nothing.
+    taps = tl.where(pid_m * BLOCK_M < M, taps_h * taps_w, 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     num_k_blocks = tl.cdiv(K, BLOCK_K)
-    for t in range(0, R * S * num_k_blocks):  # flat over (tap, channel block), as in the forward
-        rs = t // num_k_blocks
-        k = (t - rs * num_k_blocks) * BLOCK_K + offs_k
-        r = rs // S
-        s = rs - r * S
+    for t in range(0, taps * num_k_blocks):  # flat over (tap, channel block), as in the forward
+        tap = t // num_k_blocks
+        k = (t - tap * num_k_blocks) * BLOCK_K + offs_k
+        tap_h = tap // taps_w
+        r = r0 + tap_h * tap_step_h
+        s = s0 + (tap - tap_h * taps_w) * tap_step_w
         if PLAIN_GEMM:
             pix_ok = m_ok
             dy_rows = offs_m.to(tl.int64) * K
         else:
-            # Output pixel (p, q) that reads (h, w) through tap (r, s); strided convs skip the
-            # taps that land between output pixels (the zero-insertion of conv_transpose).
+            # The output pixel (p, q) that reads (h, w) through tap (r, s): exact divisions here.
             hp = h + pad_h - r * dil_h
             wq = w + pad_w - s * dil_w
             p = hp // stride_h
             q = wq // stride_w
-            pix_ok = (m_ok & (hp >= 0) & (wq >= 0) & (hp % stride_h == 0)
-                      & (wq % stride_w == 0) & (p < P) & (q < Q))
+            pix_ok = m_ok & (hp >= 0) & (wq >= 0) & (p < P) & (q < Q)
             dy_rows = ((img * P + p) * Q + q) * K
         k_ok = k < K
         dy_mask = pix_ok[:, None] & k_ok[None, :]
@@ -308,11 +547,12 @@ def _conv_dgrad_kernel(
         if HAS_DY_PROLOGUE:
             a = _dy_with_stats_grad(a, Y + dy_rows[:, None] + k[None, :], dy_mask,
                                     Y_MEAN, DY_ALPHA, DY_BETA, k, k_ok, 1)
-        b = tl.load(W + k.to(tl.int64)[:, None] * (R * S * C) + rs * C + offs_n[None, :],
+        b = tl.load(W + k.to(tl.int64)[:, None] * (R * S * C) + (r * S + s) * C + offs_n[None, :],
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     out_mask = m_ok[:, None] & n_ok[None, :]
-    out_offs = offs_m.to(tl.int64)[:, None] * C + offs_n[None, :]
+    out_rows = (img * H + h) * W_in + w
+    out_offs = out_rows[:, None] * C + offs_n[None, :]
     da = acc.to(DX.dtype.element_ty)
     if HAS_PROLOGUE:
         # Backward of act(x) = relu(x·scale + shift), given da = ∂L/∂act(x) (rounded as eager's).
@@ -324,10 +564,17 @@ def _conv_dgrad_kernel(
         keep = (z > 0.0) | (z != z)
         da_kept = tl.where(keep & out_mask, da.to(tl.float32), 0.0)
         tl.store(DX + out_offs, (da_kept * scale[None, :]).to(DX.dtype.element_ty), mask=out_mask)
-        tl.store(TILE_SUM + pid_m * C + offs_n, tl.sum(da_kept, axis=0), mask=n_ok)
-        tl.store(TILE_SUM_X + pid_m * C + offs_n, tl.sum(da_kept * x, axis=0), mask=n_ok)
+        tile = phase * tl.num_programs(0) + pid_m
+        tl.store(TILE_SUM + tile * C + offs_n, tl.sum(da_kept, axis=0), mask=n_ok)
+        tl.store(TILE_SUM_X + tile * C + offs_n, tl.sum(da_kept * x, axis=0), mask=n_ok)
     else:
         tl.store(DX + out_offs, da, mask=out_mask)
+
+
+def dgrad_phases(input_hw, stride):
+    """(phases, pixels of the largest phase per image) of the sub-pixel decomposition."""
+    (H, W_in), (sh, sw) = input_hw, stride
+    return sh * sw, triton.cdiv(H, sh) * triton.cdiv(W_in, sw)
 
 
 def conv_dgrad(dy, w, input_hw, stride, padding, dilation, x=None, scale=None, shift=None,
@@ -341,26 +588,29 @@ def conv_dgrad(dy, w, input_hw, stride, padding, dilation, x=None, scale=None, s
     H, W_in = input_hw
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     dx = torch.empty((N, H, W_in, C), dtype=dy.dtype, device=dy.device)
-    M = N * H * W_in
+    phases, per_img = dgrad_phases(input_hw, stride)
+    M = N * per_img  # rows of the largest phase
     has_prologue = scale is not None
-    tiles = triton.cdiv(M, _min_block_m("dgrad")) if has_prologue else 1
+    tiles = phases * triton.cdiv(M, _min_block_m("dgrad")) if has_prologue else 1
     tile_sum = torch.empty((tiles, C), dtype=torch.float32, device=dy.device)
     tile_sum_x = torch.empty_like(tile_sum)
     plain = R == 1 and S == 1 and (sh, sw, ph, pw) == (1, 1, 0, 0)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),  # noqa: E731
-                         triton.cdiv(C, meta["BLOCK_N"]))
+                         triton.cdiv(C, meta["BLOCK_N"]), phases)
     y, y_mean, alpha, beta = dy_stats if dy_stats is not None else (dy, dy, dy, dy)
     _conv_dgrad_kernel[grid](
         dy, w, dx, x if has_prologue else dy, scale if has_prologue else dy,
         shift if has_prologue else dy, tile_sum, tile_sum_x, y, y_mean, alpha, beta,
         N, H, W_in, C, P, Q, K, sh, sw, ph, pw, dh, dw,
+        sh // math.gcd(sh, dh), sw // math.gcd(sw, dw),
         R=R, S=S, HAS_PROLOGUE=has_prologue, PLAIN_GEMM=plain,
         HAS_DY_PROLOGUE=dy_stats is not None,
         INPUT_PRECISION=input_precision(dy.dtype))
     if not has_prologue:
         return dx, None, None
-    used = triton.cdiv(M, _conv_dgrad_kernel.best_config.kwargs["BLOCK_M"])
-    return dx, tile_sum[:used].sum(0), tile_sum_x[:used].sum(0)
+    used = phases * triton.cdiv(M, _conv_dgrad_kernel.best_config.kwargs["BLOCK_M"])
+    sum_da, sum_da_x = merge_partials(tile_sum[:used], tile_sum_x[:used])
+    return dx, sum_da, sum_da_x
 
 
 # --------------------------------------------------------------------------------------------------
@@ -368,8 +618,9 @@ def conv_dgrad(dy, w, input_hw, stride, padding, dilation, x=None, scale=None, s
 
 
 @triton.autotune(configs=conv_configs("wgrad"),
-                 key=["C", "K", "R", "S", "stride_h", "HAS_PROLOGUE", "SPLIT", "HAS_DY_PROLOGUE"])
-@triton.jit
+                 key=["C", "K", "R", "S", "stride_h", "HAS_PROLOGUE", "SPLIT", "HAS_DY_PROLOGUE"],
+                 prune_configs_by={"early_config_prune": _early_prune("wgrad")})
+@triton.jit(do_not_specialize=_NO_SPECIALIZE + ["SPLIT"])
 def _conv_wgrad_kernel(
     DY, X, DW_PART, SCALE, SHIFT, Y, Y_MEAN, DY_ALPHA, DY_BETA,
     N, H, W_in, C, P, Q, K,
@@ -454,3 +705,88 @@ def conv_wgrad(dy, x, kernel_rs, stride, padding, dilation, scale=None, shift=No
         R=R, S=S, HAS_PROLOGUE=has_prologue, HAS_DY_PROLOGUE=dy_stats is not None,
         INPUT_PRECISION=input_precision(dy.dtype))
     return part[0] if split == 1 else part.sum(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Autotuning cost, counted without a GPU.
+
+_INT_ARGS_SPECIALISED = {
+    kind: [name for name in _autotuned(kind).arg_names
+           if name in ("C", "K", "stride_h", "stride_w", "tap_step_h", "tap_step_w")]
+    for kind in ("fwd", "dgrad", "wgrad")}
+
+
+@contextlib.contextmanager
+def recording_autotune(device_limit: int = H100_SHARED_MEMORY):
+    """Within the block, the conv kernels (and the partial merges) do not run; each launch records what a CUDA device's
+    autotuner would do: its autotune key, the configurations that survive pruning (from
+    ``cuda_conv_configs``, shared memory ``device_limit``) and the compiled variant each would
+    need (constexprs, dtypes and the divisibility / equal-to-1 specialisation of the integer
+    arguments Triton specialises). Yields a list of records; ``autotune_summary`` counts them."""
+    records = []
+    saved = {}
+    for kind in ("fwd", "dgrad", "wgrad"):
+        kernel = _autotuned(kind)
+        saved[kind] = kernel.__dict__.get("run")
+
+        def run(*args, _kind=kind, _kernel=kernel, grid=None, warmup=False, **kwargs):
+            named = dict(zip(_kernel.arg_names, args))
+            all_args = {**named, **kwargs}
+            key = [all_args[k] for k in _kernel.keys if k in all_args]
+            key += [str(a.dtype) for a in all_args.values() if hasattr(a, "dtype")]
+            configs = cuda_conv_configs(_kind)
+            act = all_args["X"] if _kind == "fwd" else all_args["DY"]
+            fits = [c for c in configs
+                    if shared_memory_bytes(_kind, c, act.element_size(),
+                                           bool(all_args.get("HAS_DY_PROLOGUE"))) <= device_limit]
+            pruned = prune_configs(_kind, configs, all_args, device_limit)
+            spec = tuple((name, "1" if all_args[name] == 1 else
+                          "D" if all_args[name] % 16 == 0 else "")
+                         for name in _INT_ARGS_SPECIALISED[_kind])
+            constexprs = tuple(sorted((k, str(v)) for k, v in kwargs.items()))
+            dtypes = tuple(str(a.dtype) for a in all_args.values() if hasattr(a, "dtype"))
+            records.append(dict(kind=_kind, key=(_kind,) + tuple(key), fits=len(fits),
+                                configs=pruned, all_configs=configs,
+                                variant=(_kind, constexprs, dtypes, spec)))
+            _kernel.best_config = pruned[0]
+            for name in ("Y", "TILE_MEAN", "TILE_M2", "DX", "TILE_SUM", "TILE_SUM_X", "DW_PART"):
+                if name in all_args:  # defined outputs, so that the step goes on without NaNs
+                    all_args[name].zero_()
+        kernel.run = run
+    global merge_partials
+    merge = merge_partials
+    merge_partials = lambda part_a, part_b, *args, **kwargs: (  # noqa: E731
+        torch.zeros(part_a.shape[1], device=part_a.device),
+        torch.ones(part_a.shape[1], device=part_a.device))
+    try:
+        yield records
+    finally:
+        merge_partials = merge
+        for kind, run in saved.items():
+            kernel = _autotuned(kind)
+            if run is None:
+                del kernel.run
+            else:
+                kernel.run = run
+
+
+def _config_id(config) -> tuple:
+    return (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
+
+
+def autotune_summary(records) -> dict:
+    """Counts for the launches recorded by ``recording_autotune``: distinct autotune keys, configs
+    benchmarked (Σ over keys of the surviving configs; a key with one survivor is not benchmarked)
+    and compiled variants (distinct (variant, config) pairs), with pruning and — for comparison —
+    without it (every config of the list, every key)."""
+    keys, keys_unpruned = {}, {}
+    for rec in records:
+        keys.setdefault(rec["key"], rec)
+    benchmarked = sum(len(r["configs"]) for r in keys.values() if len(r["configs"]) > 1)
+    benchmarked_unpruned = sum(len(r["all_configs"]) for r in keys.values())
+    variants = {(r["variant"], _config_id(c)) for r in keys.values() for c in r["configs"]}
+    variants_unpruned = {(r["variant"], _config_id(c)) for r in keys.values()
+                         for c in r["all_configs"]}
+    return dict(launches=len(records), autotune_keys=len(keys),
+                benchmark_runs=benchmarked, benchmark_runs_unpruned=benchmarked_unpruned,
+                compiled_variants=len(variants), compiled_variants_unpruned=len(variants_unpruned))
