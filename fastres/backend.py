@@ -3,7 +3,8 @@
 "torch"  — pure-PyTorch implementation of the same math (the reference, and the CPU fallback).
 "triton" — Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
 "cuda"   — the hand-written C++/CUDA extension ``fastres._C``.
-"auto"   — the fastest available for the tensor's device (see ``AUTO_TABLE``).
+"auto"   — the fastest available for the tensor's device (see ``AUTO_TABLE``); on CPU the fused
+           BN-act is eager's own ATen composition ("aten", bit-identical to eager).
 
 The choice is read at run time inside each custom op, so it also applies to compiled graphs.
 """
@@ -167,6 +168,12 @@ def auto_choice(op: str, shape=None) -> str:
     return AUTO_DEFAULT
 
 
+def runs_eager_ops(device: torch.device) -> bool:
+    """Whether the fused BN-act runs as eager's own ATen ops ("auto" on CPU tensors: bit-identical
+    to eager and as fast). Cheap and traceable (torch.compile reads it without a graph break)."""
+    return _backend == "auto" and device.type == "cpu"
+
+
 def resolve(device: torch.device, op: str = "", shape=None) -> str:
     """The concrete backend that runs ``op`` on ``device`` now."""
     name = _backend
@@ -176,8 +183,10 @@ def resolve(device: torch.device, op: str = "", shape=None) -> str:
             if choice == "cuda" and not backend_status()["cuda"][0]:
                 choice = "triton"
             return choice
-        if device.type == "cpu" and triton_interpreting() and _triton_status()[0]:
-            return "torch"
+        if op == "batch_norm_act" and runs_eager_ops(device):
+            # The fused BN-act on CPU: eager's own ATen ops (F.batch_norm [+ residual] [relu]),
+            # bit-identical to eager and as fast; the callers compose them themselves.
+            return "aten"
         return "torch"
     if name in ("triton", "cuda"):
         ok, why = backend_status()[name]

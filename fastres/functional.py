@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastres.ops.batch_norm_act import batch_norm_act_op, channel_count
+from fastres.backend import runs_eager_ops
+from fastres.ops.batch_norm_act import BatchNormActFunction, channel_count
 from fastres.ops.norm_conv import conv_bias_act as conv_bias_act_op, norm_conv_fwd
 
 __all__ = ["batch_norm_act", "sync_batch_norm_act", "ACTIVATIONS", "check_batch_norm_act_args",
@@ -104,10 +105,12 @@ def batch_norm_act(
     weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     training: bool = False,
-    momentum: float = 0.1,
+    momentum: Optional[float] = 0.1,
     eps: float = 1e-5,
     residual: Optional[Tensor] = None,
     activation: Optional[str] = "relu",
+    *,
+    num_batches_tracked: Optional[Tensor] = None,
     mask_from_output: bool = False,
 ) -> Tensor:
     """``act(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -120,17 +123,29 @@ def batch_norm_act(
     input: 4-D (N, C, H, W), channels_last or NCHW (any strides are accepted; non-dense input is
     copied once). fp32 / fp16 / bf16. weight, bias, running stats: fp32 or the input's dtype.
     activation: "relu" or None. Gradients flow to input, weight, bias and residual.
+    momentum=None with ``num_batches_tracked`` (the module's 0-d count, already incremented):
+    the cumulative average, factor 1/num_batches_tracked read on the device (no host sync).
+    On CPU tensors the "auto" backend runs eager's own ops (bit-identical to eager).
     """
     relu = _check_activation(activation)
     check_batch_norm_act_args(input, running_mean, running_var, weight, bias, training, residual)
-    momentum = _check_momentum(momentum)
-    use_batch_stats = training
-    y, mean, var = batch_norm_act_op(input, weight, bias, residual, running_mean, running_var,
-                                     use_batch_stats, float(eps), relu,
-                                     bool(mask_from_output and relu and residual is not None))
-    count = channel_count(input)
-    if use_batch_stats and running_mean is not None and count > 1:
-        update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    cumulative = momentum is None and num_batches_tracked is not None
+    if not cumulative:
+        momentum = _check_momentum(momentum)
+    if runs_eager_ops(input.device):
+        if cumulative:  # CPU: reading the count is free, and eager reads it too
+            momentum = 1.0 / float(num_batches_tracked)
+        y = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
+                                           training, float(momentum), eps)
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if relu else y
+    if isinstance(momentum, Tensor):  # a device factor f: the kernels read 1/n, so pass n = 1/f
+        num_batches_tracked, momentum = torch.reciprocal(momentum), None
+    # The op updates the running statistics in place (an empty batch leaves them, as eager).
+    y, _, _ = BatchNormActFunction.apply(input, weight, bias, residual, running_mean, running_var,
+                                         num_batches_tracked, momentum, bool(training), float(eps),
+                                         relu, bool(mask_from_output))
     return y
 
 

@@ -332,19 +332,25 @@ def _opcheck_samples():
     mean, invstd = torch.randn(3, generator=g), torch.rand(3, generator=g) + 0.5
     dy = torch.randn(2, 3, 3, 2, generator=g)
     ops = torch.ops.fastres
+    nbt = torch.tensor(3)
     return [
         (ops.batch_norm_stats.default, (x.clone().requires_grad_(),)),
-        (ops.batch_norm_act.default, (x.clone().requires_grad_(), w.clone().requires_grad_(), b,
-                                      r, rm, rv, True, 1e-5, True)),
-        (ops.batch_norm_act.default, (x.detach().contiguous(), None, None, None, rm, rv, False,
+        # A mutating op (its autograd is BatchNormActFunction): opcheck with plain tensors.
+        (ops.batch_norm_act.default, (x, w, b, r, rm, rv, None, 0.1, True, 1e-5, True)),
+        (ops.batch_norm_act.default, (x, w, b, None, rm, rv, nbt, None, True, 1e-5, True)),
+        (ops.batch_norm_act.default, (x.contiguous(), None, None, None, rm, rv, None, None, False,
                                       1e-3, False)),
+        (ops.batch_norm_act_backward.default, (dy, x, w, b, r, mean, invstd, True, True, True,
+                                               True, True, True)),
+        (ops.batch_norm_act_backward.default, (dy, x, w, None, None, mean, invstd, False, False,
+                                               True, False, True, False)),
         (ops.batch_norm_act_backward_reduce.default, (dy, x, mean, invstd, w, b, r, True)),
         (ops.batch_norm_act_backward_dx.default, (dy, x, mean, invstd, w, b, r, mean * 0.1,
                                                   invstd * 0.1, True, True)),
     ]
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(8))
 def test_opcheck(backend, index):
     op, args = _opcheck_samples()[index]
     torch.library.opcheck(op, args)
@@ -449,3 +455,127 @@ def test_bf16_output_rounds_to_nearest_even(backend):
     y = tbn.apply(x, mean, scale, shift, None, False)
     expect = (x.float() * 1.37 + 0.01).to(torch.bfloat16)
     assert torch.equal(y, expect)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch and ATen-op counts of a BatchNormAct2d step on the CUDA code path (GPU-faithful mode).
+# Self-contained on purpose (tests/counting.py may replace it). Triton launches are counted at
+# KernelInterface.__getitem__ (the `kernel[grid]` of every launcher); ATen ops with the profiler,
+# which, unlike a TorchDispatchMode, also sees the ops run inside fastres's custom ops.
+
+# Allocations, views and metadata: not compute.
+NOT_COMPUTE = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty",
+               "aten::new_empty_strided", "aten::view", "aten::_unsafe_view", "aten::as_strided",
+               "aten::alias", "aten::detach", "aten::lift_fresh", "aten::resolve_conj",
+               "aten::resolve_neg", "aten::contiguous", "aten::is_same_size"}
+
+
+class _Counts:
+    def __init__(self):
+        self.launches, self.aten = [], []
+
+
+def _count(fn, monkeypatch):
+    import triton.runtime.jit as triton_jit
+
+    counts = _Counts()
+    original = triton_jit.KernelInterface.__getitem__
+
+    def getitem(kernel, grid):
+        name = getattr(kernel, "__name__", repr(kernel))
+        counts.launches.append(name)
+        launch = original(kernel, grid)
+
+        def run(*args, **kwargs):
+            # The interpreter moves arguments with ATen ops of its own: a launch is one op.
+            with torch.profiler.record_function("triton::" + name):
+                return launch(*args, **kwargs)
+        return run
+
+    for cls in {type(tbn._apply_kernel), triton_jit.KernelInterface}:
+        monkeypatch.setattr(cls, "__getitem__", getitem, raising=False)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    monkeypatch.undo()
+    def top_level(event):  # not inside a launch, nor inside another ATen op
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith(("triton::", "aten::")):
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    counts.aten = [e.name for e in prof.events()
+                   if e.name.startswith("aten::") and e.name not in NOT_COMPUTE and top_level(e)]
+    return out, counts
+
+
+@pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
+def test_module_step_launch_counts(residual, monkeypatch):
+    """Training: 3 launches forward (stats partials, finalize + running update, apply) and 3
+    backward (reduce, finalize, dx); eval forward: 1. No ATen compute op besides the module's own
+    num_batches_tracked += 1 (momentum=None: the kernel reads the count)."""
+    from fastres import BatchNormAct2d
+    from fastres.precision import gpu_faithful
+
+    with gpu_faithful(), fastres.use_backend("triton"):
+        bn = BatchNormAct2d(6, momentum=None)
+        x = torch.randn(2, 6, 3, 4).to(memory_format=torch.channels_last).requires_grad_()
+        r = torch.randn_like(x).requires_grad_() if residual else None
+        grad = torch.randn_like(x)
+        y, fwd = _count(lambda: bn(x, r), monkeypatch)
+        inputs = [x, bn.weight, bn.bias] + ([r] if residual else [])
+        _, bwd = _count(lambda: torch.autograd.grad(y, inputs, grad), monkeypatch)
+        bn.eval()
+        with torch.no_grad():
+            _, ev = _count(lambda: bn(x, r), monkeypatch)
+    assert len(fwd.launches) == 3, fwd.launches
+    assert fwd.aten == ["aten::add_"], fwd.aten  # num_batches_tracked += 1, as eager
+    assert len(bwd.launches) == 3 and bwd.aten == [], (bwd.launches, bwd.aten)
+    assert len(ev.launches) == 1 and ev.aten == [], (ev.launches, ev.aten)
+
+
+def test_geometry_parallel_finalize_and_readme_table():
+    """At every ResNet-50 BN shape (batch 256, CUDA geometry): ≤ 64 partials per channel, a finalize
+    spread over many programs, and benchmarks/README.md shows the table this code computes."""
+    import pathlib
+
+    from fastres.precision import gpu_faithful
+
+    with gpu_faithful():
+        for nhwc in (True, False):
+            for C, hw in tbn.RESNET50_BN_SHAPES:
+                side = int(round(hw ** 0.5))
+                p = tbn.plan((256, C, side, side), nhwc, torch.device("cpu"))
+                assert p.G <= tbn.MAX_PARTIALS and p.block_g <= tbn.MAX_PARTIALS
+                assert p.finalize_grid[0] >= 32, (C, hw, nhwc, p)
+                assert p.reduce_grid[0] * p.reduce_grid[1] >= 2 * 132 - 64, (C, hw, nhwc, p)
+    readme = (pathlib.Path(__file__).parent.parent / "benchmarks" / "README.md").read_text()
+    for nhwc in (True, False):
+        assert tbn.geometry_table(256, nhwc) in readme
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_auto_on_cpu_is_eager_bitwise(momentum):
+    """"auto" on CPU tensors runs eager's own ops: output, every gradient and the running statistics
+    bit-identical to nn.BatchNorm2d + add + ReLU."""
+    from torch import nn
+
+    from fastres import BatchNormAct2d
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 5, 5, generator=g).to(memory_format=torch.channels_last)
+    r, dy = torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)
+    eager, fused = nn.BatchNorm2d(4, momentum=momentum), BatchNormAct2d(4, momentum=momentum)
+    results = []
+    with fastres.use_backend("auto"):
+        for fn in (lambda a, b: torch.relu(eager(a) + b), fused):
+            outs = []
+            for _ in range(2):
+                xx, rr = x.clone().requires_grad_(), r.clone().requires_grad_()
+                y = fn(xx, rr)
+                m = eager if fn is not fused else fused
+                outs += [y, *torch.autograd.grad(y, (xx, rr, m.weight, m.bias), dy)]
+            results.append(outs + [m.running_mean, m.running_var])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -116,7 +116,13 @@ class BatchNormAct2d(nn.BatchNorm2d):
                 and residual.is_floating_point() and input.is_floating_point():
             # Eager ``out += identity`` keeps out's dtype (mixed under autocast): do the same.
             residual = residual.to(input.dtype)
-        factor = exponential_average_factor(self)
+        # As _BatchNorm.forward: count the batch, and momentum=None's factor is
+        # 1/num_batches_tracked — which the kernels read on the device (no host sync).
+        momentum, count = (0.0 if self.momentum is None else self.momentum), None
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum, count = None, self.num_batches_tracked
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         # Running stats are updated in training only when tracked, and used whenever not training.
         use_running = not self.training or self.track_running_stats
@@ -124,17 +130,21 @@ class BatchNormAct2d(nn.BatchNorm2d):
             input, residual,
             self.running_mean if use_running else None,
             self.running_var if use_running else None,
-            bn_training, factor)
+            bn_training, momentum, count)
 
-    def _batch_norm_act(self, input, residual, running_mean, running_var, training, momentum):
+    def _batch_norm_act(self, input, residual, running_mean, running_var, training, momentum,
+                        num_batches_tracked=None):
         if training and self.training and self.process_group is not None:
             group = None if isinstance(self.process_group, str) else self.process_group
+            if momentum is None:  # SyncBN updates the running stats with torch ops
+                momentum = 1.0 / num_batches_tracked.double()
             return F.sync_batch_norm_act(input, running_mean, running_var, self.weight, self.bias,
                                          momentum, self.eps, residual=residual,
                                          activation=self.activation, process_group=group)
         return F.batch_norm_act(input, running_mean, running_var, self.weight, self.bias,
                                 training, momentum, self.eps, residual=residual,
                                 activation=self.activation,
+                                num_batches_tracked=num_batches_tracked,
                                 mask_from_output=self.mask_from_output)
 
 

@@ -183,7 +183,10 @@ def _tail_with_stats(bn: nn.BatchNorm2d, y: Tensor, mean: Tensor, var: Tensor,
     if bn.track_running_stats and bn.running_mean is not None:
         F.update_running_stats(bn.running_mean, bn.running_var, mean.detach(), var.detach(), count,
                                momentum)
-    return bn_act_with_stats(y, mean, var, bn.weight, bn.bias, identity.to(y.dtype), bn.eps, True)
+    # mask_from_output (a downsample block, see free_downsample_residual): keep the output, not
+    # the downsample's output, for backward's ReLU mask.
+    return bn_act_with_stats(y, mean, var, bn.weight, bn.bias, identity.to(y.dtype), bn.eps, True,
+                             bool(getattr(bn, "mask_from_output", False)))[0]
 
 
 def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d):

@@ -33,10 +33,12 @@ Custom ops (namespace ``fastres``), each with a fake implementation:
     norm_conv_wgrad(dy, x, weight, scale?, shift?, stride, padding, dilation, groups,
                     y?, y_mean?, dmean?, dvar?) -> dweight
         (y, y_mean, dmean, dvar: the statistics' gradient, folded into dy while loading it)
-    bn_act_with_stats(x, mean, var, weight?, bias?, residual?, eps, relu) -> y
+    bn_act_with_stats(x, mean, var, weight?, bias?, residual?, eps, relu, mask_from_output=False)
+        -> (y, invstd)
         training-mode act(BN(x) + residual) with x's batch statistics given (from the conv
-        epilogue that produced x): one apply pass; the backward is BN's own training backward
-        (the statistics' gradient is part of dx), none is returned to mean / var  autograd registered
+        epilogue that produced x): one apply launch; the backward is fastres::batch_norm_act_backward
+        in training mode (the statistics' gradient is part of dx), none is returned to mean / var
+                                                                                autograd registered
     conv_bias_act(x, weight, bias?, residual?, stride, padding, dilation, groups, relu) -> y
         y = act(conv2d(x, weight) + bias + residual): eval mode's conv with the folded BN, the add
         and the ReLU in the conv's epilogue (one rounding)                      autograd registered
@@ -466,48 +468,50 @@ def bn_act_with_stats(
     residual: Optional[Tensor],
     eps: float,
     relu: bool,
-) -> Tensor:
+    mask_from_output: bool = False,
+) -> tuple[Tensor, Tensor]:
     """Training-mode act(BN(x) [+ residual]) whose batch statistics — x's own mean and biased
     variance, fp32 per channel — were computed elsewhere (by the epilogue of the conv that produced
-    x), so the forward is one apply pass. The backward is F.batch_norm's training backward: the
-    gradient through the statistics is part of dx (dx = a·dy' + k·(x − mean) + c, one rounding,
-    as eager), so none is returned to ``mean`` and ``var``: they must be x's batch statistics."""
-    return _bn_ops().batch_norm_act_op(x, weight, bias, residual, mean, var, False, eps, relu)[0]
+    x), so the forward is the BN-act backend's one apply launch (its eval entry point, with
+    invstd = 1/sqrt(var + eps) computed in it). Returns (y, invstd); invstd is not differentiable.
+    The backward is fastres::batch_norm_act_backward in training mode (reduce, finalize, dx: the
+    gradient through the statistics is part of dx, one rounding, as eager), so none is returned to
+    ``mean`` and ``var``: they must be x's batch statistics. mask_from_output (residual + ReLU):
+    backward takes the ReLU mask from the saved y instead of keeping the residual (see
+    fastres::batch_norm_act)."""
+    y, _, invstd = _bn_ops().batch_norm_act_op(x, weight, bias, residual, mean, var, None, None,
+                                               False, eps, relu)
+    return y, invstd
 
 
 @bn_act_with_stats.register_fake
-def _(x, mean, var, weight, bias, residual, eps, relu):
-    return empty_output(x)
+def _(x, mean, var, weight, bias, residual, eps, relu, mask_from_output=False):
+    return empty_output(x), torch.empty_like(mean)
 
 
 def _bas_setup_context(ctx, inputs, output):
-    x, mean, var, weight, bias, residual, eps, relu = inputs
-    fmt = memory_format(x)
-    # The residual is needed only to recompute the ReLU mask.
-    ctx.save_for_backward(dense(x, fmt), mean, var, weight, bias,
-                          dense(residual, fmt) if (relu and residual is not None) else None)
-    ctx.eps, ctx.relu, ctx.has_residual = eps, relu, residual is not None
-
-
-def _bas_backward(ctx, dy):
-    """The BN-act op's training backward: one reduction pass (Σdy', Σdy'·x̂), one dx pass."""
-    x, mean, var, weight, bias, residual = ctx.saved_tensors
-    need_dx, _, _, need_dw, need_db, need_dres = ctx.needs_input_grad[:6]
+    x, mean, var, weight, bias, residual, eps, relu = inputs[:8]
+    mask_from_output = len(inputs) > 8 and inputs[8]
     bn = _bn_ops()
-    invstd = torch.rsqrt(var + ctx.eps)
-    sum_dy, sum_dy_xhat = bn.batch_norm_act_backward_reduce(dy, x, mean, invstd, weight, bias,
-                                                            residual, ctx.relu)
-    dx = dres = None
-    want_dres = bool(need_dres and ctx.has_residual)
-    if need_dx or want_dres:
-        m = max(x.numel() // x.shape[1], 1)
-        dx, dres = bn.batch_norm_act_backward_dx(dy, x, mean, invstd, weight, bias, residual,
-                                                 sum_dy / m, sum_dy_xhat / m, ctx.relu, want_dres)
-        dx = dx if need_dx else None
-        dres = dres if want_dres else None
-    dw = sum_dy_xhat.to(weight.dtype) if (need_dw and weight is not None) else None
-    db = sum_dy.to(bias.dtype) if (need_db and bias is not None) else None
-    return dx, None, None, dw, db, dres, None, None
+    y, invstd = output
+    x, residual = bn._prepare(x, residual)
+    saved, from_output = bn.saved_for_mask(
+        residual, y, relu, mask_from_output and bn.backend_masks_from_output(x))
+    ctx.save_for_backward(x, mean, invstd, weight, bias, saved)
+    ctx.relu, ctx.has_residual, ctx.mask_from_output = relu, residual is not None, from_output
+    ctx.mark_non_differentiable(invstd)
+    ctx.set_materialize_grads(False)
+
+
+def _bas_backward(ctx, dy, _dinvstd):
+    """The BN-act op's training backward (fastres::batch_norm_act_backward): reduce, finalize, dx."""
+    x, mean, invstd, weight, bias, saved = ctx.saved_tensors
+    need_dx, _, _, need_dw, need_db, need_dres = ctx.needs_input_grad[:6]
+    dx, dw, db, dres = _bn_ops().batch_norm_act_grads(
+        dy, x, weight, bias, saved, mean, invstd, relu=ctx.relu, training=True,
+        has_residual=ctx.has_residual, mask_from_output=ctx.mask_from_output, need_dx=need_dx,
+        need_dweight=need_dw, need_dbias=need_db, need_dres=need_dres)
+    return dx, None, None, dw, db, dres, None, None, None
 
 
 bn_act_with_stats.register_autograd(_bas_backward, setup_context=_bas_setup_context)

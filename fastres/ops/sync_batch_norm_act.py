@@ -86,7 +86,8 @@ class SyncBatchNormActFunction(torch.autograd.Function):
         residual = None if residual is None else dense(residual, fmt)
         mean, var, count = gather_batch_stats(x, group, world_size)
         # training=False: normalise with the GIVEN (here: global batch) statistics.
-        y, _, _ = batch_norm_act_op(x, weight, bias, residual, mean, var, False, eps, relu)
+        y, _, _ = batch_norm_act_op(x, weight, bias, residual, mean, var, None, None, False,
+                                    eps, relu)
         ctx.save_for_backward(x, weight, bias, residual, mean, var, count)
         ctx.eps, ctx.relu, ctx.group = eps, relu, group
         ctx.has_residual = residual is not None
