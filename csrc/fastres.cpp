@@ -61,9 +61,33 @@ std::tuple<at::Tensor, at::Tensor> backward_dx_cpu(const at::Tensor&, const at::
   cpu_tensor_error("bn_backward_dx_cuda");
 }
 
+using OptTensor = std::optional<at::Tensor>;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train_cpu(
+    const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+    const OptTensor&, const OptTensor&, double, bool, double, bool) {
+  cpu_tensor_error("bn_forward_train_cuda");
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_eval_cpu(const at::Tensor&, const OptTensor&,
+                                                    const OptTensor&, const OptTensor&,
+                                                    const at::Tensor&, const at::Tensor&, double,
+                                                    bool) {
+  cpu_tensor_error("bn_forward_eval_cuda");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+    const at::Tensor&, const at::Tensor&, bool, bool, bool, bool, bool, bool) {
+  cpu_tensor_error("bn_backward_cuda");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastres, CPU, m) {
+  m.impl("bn_forward_train_cuda", &forward_train_cpu);
+  m.impl("bn_forward_eval_cuda", &forward_eval_cpu);
+  m.impl("bn_backward_cuda", &backward_cpu);
   m.impl("bn_stats_cuda", &stats_cpu);
   m.impl("bn_apply_cuda", &apply_cpu);
   m.impl("bn_backward_reduce_cuda", &backward_reduce_cpu);

@@ -77,6 +77,17 @@ def check_batch_norm_act_args(input, running_mean, running_var, weight, bias, tr
                              f"size {input.shape}")
 
 
+def _check_eps(eps, training: bool) -> float:
+    """F.batch_norm's rule: eps > 0 when the batch statistics are used (a constant channel would
+    divide by zero), eps >= 0 otherwise (the running variance is trusted). Same ValueError."""
+    eps = float(eps)
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    return eps
+
+
 def _check_momentum(momentum):
     """A float as for F.batch_norm, or a 0-d tensor on the input's device (what BatchNormAct2d
     passes for momentum=None: 1/num_batches_tracked without reading the count on the host)."""
@@ -129,6 +140,7 @@ def batch_norm_act(
     """
     relu = _check_activation(activation)
     check_batch_norm_act_args(input, running_mean, running_var, weight, bias, training, residual)
+    eps = _check_eps(eps, training)
     cumulative = momentum is None and num_batches_tracked is not None
     if not cumulative:
         momentum = _check_momentum(momentum)
@@ -165,7 +177,10 @@ def sync_batch_norm_act(
     every rank of ``process_group`` (default: the world group), as ``nn.SyncBatchNorm``: one
     all_gather of the per-rank (count, mean, M2) in the forward, one all_reduce of (Σdy', Σdy'·x̂)
     in the backward, no host synchronisation; per-rank batch sizes may differ (and be empty). The
-    running statistics get the same update on every rank (unbiased with the global count).
+    running statistics get the same update on every rank (unbiased with the global count). One
+    value per channel over the whole group raises ValueError on every rank; checking it reads the
+    global count on the host, but only on a rank holding 0 or 1 values per channel (outside CUDA
+    graph capture and compilation).
 
     Every rank of the group must call it, in the same order. Falls back to the local
     :func:`batch_norm_act` when torch.distributed is not initialised (and no group is given) or the
@@ -183,11 +198,34 @@ def sync_batch_norm_act(
                               residual, activation)
     check_batch_norm_act_args(input, running_mean, running_var, weight, bias, True, residual,
                               world_size=world_size)
-    y, mean, var, count = sync_ops.sync_batch_norm_act(input, weight, bias, residual, float(eps),
+    eps = _check_eps(eps, True)
+    y, mean, var, count = sync_ops.sync_batch_norm_act(input, weight, bias, residual, eps,
                                                       relu, process_group)
+    _check_global_count(input, count, world_size)
     if running_mean is not None:
         update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return y
+
+
+def _check_global_count(input: Tensor, count: Tensor, world_size: int) -> None:
+    """Raise, before the running statistics are touched, when the whole group holds one value per
+    channel (the unbiased running variance would be 0/0).
+
+    nn.SyncBatchNorm checks only the local size, and only for a single rank; with more ranks it
+    writes NaN into running_var. The global count is a device tensor, so reading it is a host
+    sync: it is read only on a rank whose own count is 0 or 1 — a rank holding 2 or more values
+    knows the global count is >= 2 from its shape alone, so the ordinary path never syncs. When the
+    global count is 1 every rank holds 0 or 1 values, so every rank reads it and raises alike.
+    Skipped, like eager's own count read, while capturing a CUDA graph or tracing for compile."""
+    if channel_count(input) > 1:
+        return
+    capturing = input.is_cuda and torch.cuda.is_current_stream_capturing()
+    if capturing or torch.compiler.is_compiling():
+        return
+    if int(count.item()) == 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input size "
+                         f"{tuple(input.shape)} and 1 value per channel over all {world_size} "
+                         "ranks of the process group")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,6 +245,7 @@ def bn_fold(mean: Tensor, var: Tensor, weight: Optional[Tensor] = None,
             bias: Optional[Tensor] = None, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     """Per-channel fp32 (scale, shift) with BN(x) = x·scale + shift, as differentiable torch math
     (gradients flow to mean, var, weight and bias)."""
+    eps = _check_eps(eps, False)
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight.to(scale.dtype)
@@ -225,6 +264,7 @@ def bn_fold_train(mean: Tensor, var: Tensor, count: int, running_mean: Optional[
     F.batch_norm does (unbiased variance; momentum None keeps them) and returns ``bn_fold(...)``."""
     if count == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got {count}")
+    _check_eps(eps, True)
     if running_mean is not None and count > 1:
         update_running_stats(running_mean, running_var, mean.detach(), var.detach(), count,
                              0.0 if momentum is None else _check_momentum(momentum))

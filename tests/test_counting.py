@@ -1,9 +1,8 @@
 """The counters of fastres.testing.counting: exact on toy kernels with known traffic, and the
 BatchNormAct2d step counts against issue 13's targets.
 
-The targets are in BN_STEP_TARGETS / BN_PASS_TARGETS below; the current kernels miss some of them
-(marked xfail(strict=True): when a rewrite meets a target, the test XPASSes and fails, so the mark
-is removed in the same change)."""
+The targets are in BN_STEP_TARGETS / BN_PASS_TARGETS below, met with and without
+``mask_from_output`` (the saved output gives backward's ReLU mask in the residual's place)."""
 import pytest
 import torch
 import triton
@@ -125,9 +124,10 @@ BN_PASS_TARGETS = {"fwd": 4.0, "bwd": 7.0}
 PASS_SLACK = 0.15
 
 
-def _bn_step(dtype=torch.float32):
+def _bn_step(dtype=torch.float32, mask_from_output=False):
     torch.manual_seed(0)
     module = fastres.BatchNormAct2d(16)
+    module.mask_from_output = mask_from_output
     x = torch.randn(2, 16, 16, 16, dtype=dtype).to(memory_format=torch.channels_last)
     res = torch.randn_like(x)
     x.requires_grad_()
@@ -137,23 +137,19 @@ def _bn_step(dtype=torch.float32):
     return counts, x
 
 
-@pytest.fixture(scope="module")
-def bn_step():
-    return _bn_step()
+@pytest.fixture(scope="module", params=[False, True], ids=["mask-recomputed", "mask-from-output"])
+def bn_step(request):
+    return _bn_step(mask_from_output=request.param)
 
 
-def _launch_marks(mode):
-    # Current kernels (before issue 13's rewrite), counted by this file: fwd 3 Triton + 14 ATen,
-    # bwd 3 Triton + 17 ATen, eval 1 Triton + 3 ATen.
-    return pytest.mark.xfail(strict=True, reason="per-channel math still in ATen ops (issue 13)")
-
-
-@pytest.mark.parametrize("mode", [pytest.param(m, marks=_launch_marks(m)) for m in BN_STEP_TARGETS])
+@pytest.mark.parametrize("mode", list(BN_STEP_TARGETS))
 def test_bn_act_step_launches(bn_step, mode):
     counts, _ = bn_step
     c = counts[mode]
     assert c.aten_compute == 0, c.table()
     assert c.launches <= BN_STEP_TARGETS[mode], c.table()
+    # Beside the kernels only the module's num_batches_tracked += 1, as eager does.
+    assert c.aten["bookkeeping"] == ({"add_.Tensor": 1} if mode == "fwd" else {}), c.aten
 
 
 def test_bn_act_step_triton_launches(bn_step):
@@ -163,11 +159,7 @@ def test_bn_act_step_triton_launches(bn_step):
     assert counts["eval"].triton_launches == 1
 
 
-@pytest.mark.parametrize("mode", [
-    "fwd",
-    pytest.param("bwd", marks=pytest.mark.xfail(
-        strict=True, reason="backward reads dy, x and the residual twice: 8 passes (issue 13)")),
-])
+@pytest.mark.parametrize("mode", ["fwd", "bwd"])
 def test_bn_act_step_passes(bn_step, mode):
     counts, x = bn_step
     passes = counts[mode].moved / (x.numel() * x.element_size())

@@ -120,8 +120,10 @@ def test_conv_largest_configs_fit_and_use_wgmma(conv_rows):
 
 
 def test_conv_mma_kind_on_sm90(conv_rows):
+    # The conv scenarios also launch _merge_partials_kernel (the epilogue statistics' merge): no MMA.
     for r in conv_rows:
-        assert r.mma == "wgmma", r
+        if r.kernel in CONV_MMA_KERNELS:
+            assert r.mma == "wgmma", r
 
 
 @pytest.mark.slow

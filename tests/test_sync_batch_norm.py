@@ -219,7 +219,11 @@ def sync_worker(rank, world_size, device, backends):
                     continue
                 batch = make_global_batch(case)
                 fn = _fastres_fn(case)
-                first = _run_local(fn, case, batch, rank, device, no_host_sync=device == "cuda")
+                # A rank holding 0 or 1 values per channel reads the global count (to raise when
+                # it is 1, fastres.functional._check_global_count); every other rank must not sync.
+                counts_ok = min(case.sizes) * case.HW[0] * case.HW[1] > 1
+                first = _run_local(fn, case, batch, rank, device,
+                                   no_host_sync=device == "cuda" and counts_ok)
                 entry = {"fastres": first, "rerun": _run_local(fn, case, batch, rank, device)}
                 if device == "cuda" and 0 not in case.sizes:
                     entry["nn"] = _run_nn_sync(case, batch, rank, device)

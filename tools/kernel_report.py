@@ -103,9 +103,10 @@ def _all_scenarios(dtype_name: str, only: set, quick: bool):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     cl = torch.channels_last
 
-    def bn_step(shape, residual):
+    def bn_step(shape, residual, mask_from_output=False):
         def run():
             module = fastres.BatchNormAct2d(shape[1])
+            module.mask_from_output = mask_from_output  # backward's mask from the saved output
             x = torch.empty(shape, dtype=dtype).to(memory_format=cl).requires_grad_()
             res = torch.empty_like(x).requires_grad_() if residual else None
             y = module(x, res) if residual else module(x)
@@ -120,6 +121,8 @@ def _all_scenarios(dtype_name: str, only: set, quick: bool):
         for shape in shapes:
             for residual in ((True,) if quick else (False, True)):
                 yield f"bn {shape} residual={residual}", bn_step(shape, residual)
+            if not quick:
+                yield f"bn {shape} residual=outmask", bn_step(shape, True, True)
 
     def conv_case(kind, shape, prologue, stats=True, dy_prologue=True, eval_epilogue=False):
         n, c, h, w, k, r, s, p = shape

@@ -31,6 +31,8 @@ inline int sm_count() {
 }
 
 inline dim3 thread_idx, block_idx, block_dim, grid_dim;
+// (grid.x, grid.y, block.x, block.y) of each launch since the tests last read it.
+inline std::vector<int64_t> launch_log;
 
 struct Fiber {
   ucontext_t context;
@@ -81,6 +83,7 @@ inline void run_block(std::vector<Fiber>& fibers, unsigned threads) {
 #define blockDim (fastres_emulation::block_dim)
 #define gridDim (fastres_emulation::grid_dim)
 #define __global__
+#define __launch_bounds__(...)
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
@@ -99,6 +102,7 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
   const unsigned threads = block.x * block.y * block.z;
   TORCH_CHECK(threads >= 1 && threads <= 1024 && grid.y <= 65535 && grid.z <= 65535,
               "invalid launch geometry");
+  launch_log.insert(launch_log.end(), {grid.x, grid.y, block.x, block.y});
   grid_dim = grid, block_dim = block;
   std::tuple<Params...> params(static_cast<Params>(args)...);
   body = [&] { std::apply(kernel, params); };

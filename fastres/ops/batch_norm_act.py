@@ -299,19 +299,27 @@ def batch_norm_act_op(
     1/num_batches_tracked, read on the device). Eval: mean is empty (the running mean is used)."""
     x, residual = _prepare(x, residual)
     acc = acc_dtype(x)
+    if not training:
+        y, invstd = batch_norm_act_given_stats(x, weight, bias, residual, running_mean,
+                                               running_var, eps, relu)
+        return y, x.new_empty((0,), dtype=acc), invstd
     if x.numel() == 0:  # eager leaves the running statistics alone
-        if training:
-            nan = torch.full((x.shape[1],), float("nan"), dtype=acc, device=x.device)
-            return empty_output(x), nan, nan.clone()
-        invstd = torch.rsqrt(running_var.to(acc) + eps)
-        return empty_output(x), x.new_empty((0,), dtype=acc), invstd
-    backend = _backend_for(x, "batch_norm_act")
-    if training:
-        return backend.forward_train(x, weight, bias, residual, running_mean, running_var,
-                                     num_batches_tracked, momentum, eps, relu)
-    y, invstd = backend.forward_eval(x, weight, bias, residual, running_mean, running_var, eps,
-                                     relu)
-    return y, x.new_empty((0,), dtype=acc), invstd
+        nan = torch.full((x.shape[1],), float("nan"), dtype=acc, device=x.device)
+        return empty_output(x), nan, nan.clone()
+    return _backend_for(x, "batch_norm_act").forward_train(
+        x, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum, eps,
+        relu)
+
+
+def batch_norm_act_given_stats(x, weight, bias, residual, mean, var, eps, relu):
+    """(y = act((x − mean)·invstd·weight + bias [+ residual]), invstd = 1/sqrt(var + eps)): the
+    backend's forward_eval, one launch — eval's running statistics, or batch statistics computed
+    elsewhere (fastres::bn_act_with_stats). A plain function: call it inside a custom op."""
+    x, residual = _prepare(x, residual)
+    if x.numel() == 0:
+        return empty_output(x), torch.rsqrt(var.to(acc_dtype(x)) + eps)
+    return _backend_for(x, "batch_norm_act").forward_eval(x, weight, bias, residual, mean, var,
+                                                          eps, relu)
 
 
 @batch_norm_act_op.register_fake

@@ -479,9 +479,8 @@ def bn_act_with_stats(
     ``mean`` and ``var``: they must be x's batch statistics. mask_from_output (residual + ReLU):
     backward takes the ReLU mask from the saved y instead of keeping the residual (see
     fastres::batch_norm_act)."""
-    y, _, invstd = _bn_ops().batch_norm_act_op(x, weight, bias, residual, mean, var, None, None,
-                                               False, eps, relu)
-    return y, invstd
+    # Not fastres::batch_norm_act: that op declares its running statistics mutated.
+    return _bn_ops().batch_norm_act_given_stats(x, weight, bias, residual, mean, var, eps, relu)
 
 
 @bn_act_with_stats.register_fake

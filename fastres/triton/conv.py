@@ -96,9 +96,12 @@ def shared_memory_bytes(kind: str, config, elem_bytes: int, dy_stats: bool = Tru
 
 
 # Configurations as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Compiled ahead of time for
-# sm_90 with the launcher's specialisation, every one lowers to wgmma with cp.async pipelining and
-# spills at most 16 bytes (fp32 wgrad 128×64×64 s4 with both prologues); fp32 tiles are bounded by
-# shared memory instead (``shared_memory_bytes``; the autotuner prunes what does not fit).
+# sm_90 with the launcher's specialisation (tools/kernel_report.py, docs/kernel_report.txt), every
+# one lowers to wgmma with cp.async pipelining. Only dgrad with both prologues spills, a little:
+# ≤ 40 B per thread in bf16 (64×128×32 w4 s4), in fp32 40 B (64×64×64 w4 s3) and 92 B
+# (64×128×32 w4 s4); fwd and wgrad spill nothing. fp32 tiles are bounded by shared memory instead
+# (``shared_memory_bytes``; the autotuner prunes what does not fit: dgrad 128×128×64, wgrad
+# 128×128×64 and 128×64×64 in fp32).
 _CUDA_SHAPES = {
     # wgrad: M = output channels, N = input channels (per tap), K = pixels (long reduction).
     "wgrad": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)],
