@@ -134,6 +134,8 @@ def assert_rule(fused, eager, ref, name="", *, per_channel=None, floor_ulps=1.0)
 FP32_LANES = 32
 # How many summation orders the fp32 baseline is computed in (see ``eager_orders``).
 FP32_ORDERS = 8
+# fp32_order(DOUBLE_ACC): ATen's CPU order instead, the sum accumulated in double, rounded once.
+DOUBLE_ACC = -1
 _order: list[int] = [0]
 
 
@@ -141,7 +143,8 @@ _order: list[int] = [0]
 def fp32_order(k: int):
     """Within the block ``fp32_sum`` adds the rows in order ``k``: 0 as a CUDA reduction does (32
     lanes, then a tree), 1 one after another in row order, k > 1 one after another in a fixed
-    pseudo-random permutation of the rows (seed k)."""
+    pseudo-random permutation of the rows (seed k); DOUBLE_ACC in double, rounded once to fp32
+    (ATen's CPU kernels)."""
     _order.append(k)
     try:
         yield
@@ -152,12 +155,20 @@ def fp32_order(k: int):
 def fp32_sum(rows: torch.Tensor) -> torch.Tensor:
     """Σ over dim 0 of an fp32 [M, ...] tensor with every partial sum rounded to fp32, in the order
     ``fp32_order`` selects (by default the CUDA shape: 32 lanes each add their strided rows one
-    after another, then a pairwise tree adds the lanes)."""
+    after another, then a pairwise tree adds the lanes).
+
+    The one-after-another orders (k >= 1) are the least accurate fp32 order there is (error
+    growing with M, not log M) and are kept on purpose: the interpreter's tl.sum over a tile's
+    rows adds them one after another too. Their Python loop is not what makes the GPU-faithful
+    tests slow (profiled: ~2 % of test_batch_norm_act.py's GPU-faithful time; the Triton
+    interpreter running the CUDA launch geometry is ~95 %)."""
     assert rows.dtype == torch.float32
     M = rows.shape[0]
     if M == 0:
         return rows.new_zeros(rows.shape[1:])
     k = _order[-1]
+    if k == DOUBLE_ACC:
+        return rows.double().sum(0).float()
     if k > 1:
         rows = rows[torch.randperm(M, generator=torch.Generator().manual_seed(k))]
     lanes = min(FP32_LANES, 1 << (M - 1).bit_length()) if k == 0 else 1
@@ -277,12 +288,15 @@ def fp32_class_batch_norm(input, running_mean, running_var, weight=None, bias=No
 
 
 @contextlib.contextmanager
-def eager_precision_class():
+def eager_precision_class(composed: bool = False):
     """Within the block, eager torch code computes in eager's precision class of the current mode:
     unchanged in the default CPU mode; in GPU-faithful mode F.batch_norm (hence nn.BatchNorm2d) is
     replaced by ``fp32_class_batch_norm``. The rest of a ResNet's eager ops are already fp32 class
-    on CPU (convolutions and matmuls accumulate in fp32; elementwise ops round per op)."""
-    if not gpu_faithful():
+    on CPU (convolutions and matmuls accumulate in fp32; elementwise ops round per op).
+    ``composed``: F.batch_norm is replaced by ``fp32_class_batch_norm`` in the default CPU mode
+    too — then, under ``fp32_order(DOUBLE_ACC)``, it is eager's CPU class in other elementwise
+    steps (double accumulation as ATen's CPU kernels, each elementwise op rounded to fp32)."""
+    if not (gpu_faithful() or composed):
         yield
         return
     saved = F.batch_norm

@@ -24,7 +24,8 @@ import sys
 import pytest
 import torch
 
-from helpers import assert_rule, make_case, run_three
+from helpers import (FP32_ORDERS, assert_rule, channel_rows, fp32_order, fp32_sum, make_case,
+                     run_three)
 
 import fastres
 from fastres import _toolkit, backend
@@ -509,13 +510,15 @@ def _emu_inputs(shape, dtype, layout, misalign=False, special=None, seed=0, devi
     return x, make(), make(), mean.contiguous(), scale, *per_channel[1:]
 
 
-def welford_fp32(x):
+def welford_fp32(x, seed=None):
     """Per-channel (mean, M2) by Welford's update in fp32 over x's elements in (N, H, W) order:
     eager CUDA's statistics algorithm (batch_norm_collect_statistics keeps a Welford state in fp32 per
     thread), hence the GPU precision class of the batch statistics. torch.var on CPU float tensors
     accumulates in double and would hold the kernels to a precision eager's GPU kernels don't have
     (an fp32 Welford mean rounds at the ulp of a large mean)."""
     v = x.float().permute(1, 0, 2, 3).reshape(x.shape[1], -1)
+    if seed is not None:  # another legitimate element order (a GPU's order follows its geometry)
+        v = v[:, torch.randperm(v.shape[1], generator=torch.Generator().manual_seed(seed))]
     mean = torch.zeros(v.shape[0])
     m2 = torch.zeros(v.shape[0])
     for i in range(v.shape[1]):
@@ -541,14 +544,28 @@ def _emu_check(emu, x, res, dy, mean, scale, shift, a, k, c, dtype, nonfinite=Fa
 
     m, m2 = emu.bn_stats_cuda(x)
     m_32, m2_32 = (t.to(x.device) for t in welford_fp32(x.cpu()))
+    # Eager's GPU precision class of a per-channel reduction: the largest error over legitimate fp32
+    # orders (Welford as eager CUDA, in FP32_ORDERS element orders, and fp32 sums in FP32_ORDERS orders; see helpers.eager_orders:
+    # one order's error in one channel is rounding luck).
+    rows = channel_rows(x)
+    mean_class, m2_class = [m_32], [m2_32]
+    for seed in range(1, FP32_ORDERS):
+        m_k, m2_k = welford_fp32(x.cpu(), seed)
+        mean_class.append(m_k.to(x.device))
+        m2_class.append(m2_k.to(x.device))
+    for order in range(FP32_ORDERS):
+        with fp32_order(order):
+            mean_k = fp32_sum(rows) / max(rows.shape[0], 1)
+            mean_class.append(mean_k)
+            m2_class.append(fp32_sum((rows - mean_k) ** 2))
     m_ref, m2_ref = TB.batch_stats(d(x))
     if nonfinite:
         # A channel holding +Inf: Welford's merge gives NaN (as eager CUDA's Welford does), a sum Inf.
         assert torch.equal(torch.isfinite(m), torch.isfinite(m_32)), "mean: non-finite channels"
         assert torch.equal(torch.isfinite(m2), torch.isfinite(m2_32)), "m2: non-finite channels"
     else:
-        assert_rule(m, m_32, m_ref, name="mean")
-        assert_rule(m2, m2_32, m2_ref, name="m2")
+        assert_rule(m, mean_class, m_ref, name="mean")
+        assert_rule(m2, m2_class, m2_ref, name="m2")
     for r, relu in ((None, False), (None, True), (res, True), (res, False)):
         y = emu.bn_apply_cuda(x, mean, scale, shift, r, relu)
         y_32 = fp32_class(TB.apply, x, mean, scale, shift, r, relu)
@@ -557,6 +574,13 @@ def _emu_check(emu, x, res, dy, mean, scale, shift, a, k, c, dtype, nonfinite=Fa
         assert_rule(y, y_32, y_ref, name=f"y relu={relu} residual={r is not None}")
         s1, s2 = emu.bn_backward_reduce_cuda(dy, x, mean, scale, shift, r, relu)
         t1, t2 = fp32_class(TB.backward_reduce, dy, x, mean, scale, shift, r, relu)
+        g = fp32_class(TB._masked_grad, dy, x, mean, scale, shift, r, relu).float()
+        g_rows, gx_rows = channel_rows(g), channel_rows(g * (x.float() - TB._c(mean.float())))
+        t1, t2 = [t1], [t2]
+        for order in range(FP32_ORDERS):
+            with fp32_order(order):
+                t1.append(fp32_sum(g_rows))
+                t2.append(fp32_sum(gx_rows))
         u1, u2 = TB.backward_reduce(d(dy), d(x), d(mean), d(scale), d(shift), d(r), relu)
         assert_rule(s1, t1, u1, name="sum_dy")
         assert_rule(s2, t2, u2, name="sum_dy_xc")

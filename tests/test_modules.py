@@ -143,6 +143,7 @@ def test_conv_bn_act_matches_torchvision():
     tv.load_state_dict(ours.state_dict(), strict=True)  # and back
     xs, gs = make_inputs((2, 3, 8, 8), 3, seed=10), make_inputs((2, 6, 4, 4), 3, seed=11)
     compare_models(ours, tv, xs, gs, what="ConvBNAct2d train")
+    ours.load_state_dict(tv.state_dict())  # eval starts from the same trained parameters
     compare_models(ours, tv, xs, gs, steps=1, train=False, what="ConvBNAct2d eval")
     auto = ConvBNAct2d(3, 6, 3, padding=None, dilation=2)
     assert auto[0].padding == (2, 2)

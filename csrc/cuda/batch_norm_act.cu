@@ -61,7 +61,17 @@ namespace {
 constexpr int kThreads = 256;     // threads per block (at most), every kernel
 constexpr int kBlocksPerSm = 4;   // blocks resident per SM that the grids are sized for ("a wave"):
                                   // __launch_bounds__(kThreads, kBlocksPerSm) caps registers at 64
-constexpr int kUnroll = 4;        // rows in flight per thread in the channels_last loops
+constexpr int kUnroll = 4;        // rows in flight per thread in the channels_last loops (VEC <= 4),
+                                  // and the fewest rows per thread a reduction split gets
+
+// The vectorised channels_last apply, backward-reduce and dx kernels hold VEC channels' parameters
+// (up to six fp32 values each) and rows_in_flight(VEC) rows of VEC values per input in registers:
+// more than the 64 registers of 4 blocks per SM (ptxas spilled up to 2 KB per thread), so they are
+// bounded, and their grids sized, for 2 blocks per SM (128 registers). The statistics kernels and
+// every scalar (VEC = 1) or planar kernel fit in 64.
+constexpr int channels_last_blocks_per_sm(int vec) { return vec > 1 ? 2 : kBlocksPerSm; }
+// 16-bit vectors (VEC = 8) keep 2 rows in flight instead of 4: 16 values per input either way.
+constexpr int rows_in_flight(int vec) { return vec >= 8 ? kUnroll / 2 : kUnroll; }
 constexpr int kMaxGridY = 65535;
 constexpr int kMaxPartialsPerThread = 64;  // a finalize thread merges at most this many partials
 
@@ -307,18 +317,19 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) stats_channels_last_ke
   const int64_t row_begin = int64_t(blockIdx.y) * rows_per_block;
   const int64_t row_end = min64(rows, row_begin + rows_per_block);
   const int64_t step = blockDim.y;
+  constexpr int kRows = rows_in_flight(VEC);
   float mean[VEC], m2[VEC];
 #pragma unroll
   for (int v = 0; v < VEC; ++v) mean[v] = 0.f, m2[v] = 0.f;
   float n = 0.f;
   if (c0 < C) {
-    for (int64_t r = row_begin + threadIdx.y; r < row_end; r += kUnroll * step) {
-      float vals[kUnroll][VEC];
+    for (int64_t r = row_begin + threadIdx.y; r < row_end; r += kRows * step) {
+      float vals[kRows][VEC];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
+      for (int u = 0; u < kRows; ++u)
         if (r + u * step < row_end) load_vec<T, VEC>(x + (r + u * step) * C + c0, vals[u]);
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < kRows; ++u) {
         if (r + u * step < row_end) {
           n += 1.f;
           const float inv_n = __frcp_rn(n);
@@ -478,7 +489,7 @@ __device__ __forceinline__ float masked_grad(float g, float xc, float sc, float 
 // + ReLU) it also writes dres = dy' (in T), which the dx pass then reads instead of dy, x's mask
 // and the residual.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) backward_reduce_channels_last_kernel(
+__global__ void __launch_bounds__(kThreads, channels_last_blocks_per_sm(VEC)) backward_reduce_channels_last_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
     ChannelAffine affine, bool relu, int64_t rows, int64_t C, int64_t rows_per_block,
     float* __restrict__ part_sum_dy, float* __restrict__ part_sum_dy_xc, T* __restrict__ dres) {
@@ -486,6 +497,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) backward_reduce_channe
   const int64_t row_begin = int64_t(blockIdx.y) * rows_per_block;
   const int64_t row_end = min64(rows, row_begin + rows_per_block);
   const int64_t step = blockDim.y;
+  constexpr int kRows = rows_in_flight(VEC);
   float sum_dy[VEC], sum_dy_xc[VEC];
 #pragma unroll
   for (int v = 0; v < VEC; ++v) sum_dy[v] = 0.f, sum_dy_xc[v] = 0.f;
@@ -493,10 +505,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) backward_reduce_channe
     float m[VEC], sc[VEC], sh[VEC];
     load_affine<VEC>(affine, c0, false, m, sc, sh);
     const bool load_residual = relu && residual != nullptr;
-    for (int64_t r = row_begin + threadIdx.y; r < row_end; r += kUnroll * step) {
-      float g[kUnroll][VEC], xv[kUnroll][VEC], rv[kUnroll][VEC];
+    for (int64_t r = row_begin + threadIdx.y; r < row_end; r += kRows * step) {
+      float g[kRows][VEC], xv[kRows][VEC], rv[kRows][VEC];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < kRows; ++u) {
         const int64_t off = (r + u * step) * C + c0;
         if (r + u * step < row_end) {
           load_vec<T, VEC>(dy + off, g[u]);
@@ -505,7 +517,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) backward_reduce_channe
         }
       }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < kRows; ++u) {
         if (r + u * step < row_end) {
 #pragma unroll
           for (int v = 0; v < VEC; ++v) {
@@ -651,7 +663,7 @@ __device__ __forceinline__ float apply_one(float x, float m, float sc, float sh,
 // channels_last: grid (channel tiles, row blocks); block (TX, TY); grid-stride over rows. The
 // threads of row block 0, row 0 write the invstd they computed when affine.invstd_out is set (eval).
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) apply_channels_last_kernel(
+__global__ void __launch_bounds__(kThreads, channels_last_blocks_per_sm(VEC)) apply_channels_last_kernel(
     const T* __restrict__ x, const T* __restrict__ residual, ChannelAffine affine, bool relu,
     int64_t rows, int64_t C, T* __restrict__ y) {
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
@@ -661,10 +673,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) apply_channels_last_ke
   float m[VEC], sc[VEC], sh[VEC];
   load_affine<VEC>(affine, c0, write_invstd, m, sc, sh);
   const int64_t step = int64_t(gridDim.y) * blockDim.y;
-  for (int64_t r = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; r < rows; r += kUnroll * step) {
-    float xv[kUnroll][VEC], rv[kUnroll][VEC];
+  constexpr int kRows = rows_in_flight(VEC);
+  for (int64_t r = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; r < rows; r += kRows * step) {
+    float xv[kRows][VEC], rv[kRows][VEC];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kRows; ++u) {
       const int64_t off = (r + u * step) * C + c0;
       if (r + u * step < rows) {
         load_vec<T, VEC>(x + off, xv[u]);
@@ -672,7 +685,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) apply_channels_last_ke
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kRows; ++u) {
       if (r + u * step < rows) {
         float out[VEC];
 #pragma unroll
@@ -721,7 +734,7 @@ __device__ __forceinline__ float centered_term(float k, float xc, float c) {
 // dy' itself (the dres the reduce pass wrote), the caller passes it as dy with relu = false and no
 // residual: then x is read only for the k term.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) backward_dx_channels_last_kernel(
+__global__ void __launch_bounds__(kThreads, channels_last_blocks_per_sm(VEC)) backward_dx_channels_last_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
     ChannelAffine affine, bool relu, const float* __restrict__ a_coef,
     const float* __restrict__ k_coef, const float* __restrict__ c_coef, int64_t rows, int64_t C,
@@ -744,10 +757,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) backward_dx_channels_l
 #pragma unroll
   for (int v = 0; v < VEC; ++v) need_x = need_x || k[v] != 0.f;
   const int64_t step = int64_t(gridDim.y) * blockDim.y;
-  for (int64_t r = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; r < rows; r += kUnroll * step) {
-    float g[kUnroll][VEC], xv[kUnroll][VEC], rv[kUnroll][VEC];
+  constexpr int kRows = rows_in_flight(VEC);
+  for (int64_t r = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; r < rows; r += kRows * step) {
+    float g[kRows][VEC], xv[kRows][VEC], rv[kRows][VEC];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kRows; ++u) {
       const int64_t off = (r + u * step) * C + c0;
       if (r + u * step < rows) {
         load_vec<T, VEC>(dy + off, g[u]);
@@ -756,7 +770,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) backward_dx_channels_l
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kRows; ++u) {
       if (r + u * step < rows) {
         const int64_t off = (r + u * step) * C + c0;
         float out[VEC];
@@ -928,9 +942,11 @@ int sm_count(const at::Tensor& x) {
 #endif
 }
 
-// Blocks resident at once on the device at kBlocksPerSm blocks per SM: the target grid size, and
-// what __launch_bounds__(kThreads, kBlocksPerSm) holds the kernels' registers to.
-int64_t full_wave(const at::Tensor& x) { return int64_t(sm_count(x)) * kBlocksPerSm; }
+// Blocks resident at once on the device at blocks_per_sm blocks per SM: the target grid size, and
+// what the kernel's __launch_bounds__(kThreads, blocks_per_sm) holds its registers to.
+int64_t full_wave(const at::Tensor& x, int blocks_per_sm = kBlocksPerSm) {
+  return int64_t(sm_count(x)) * blocks_per_sm;
+}
 
 // channels_last block shape: TX threads across channel vectors (a power of two up to 32), TY rows.
 dim3 channels_last_block(int64_t channel_vecs) {
@@ -1059,7 +1075,6 @@ void launch_apply(const at::Tensor& x, const Geometry& geometry,
                   at::Tensor& y, cudaStream_t stream) {
   Geometry g = geometry;
   if (g.rows() == 0) g.channels_last = true;  // no elements: the channels_last grid has C threads
-  const int64_t wave = full_wave(x);
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const bool vec = can_vectorize<T>(g, {x.const_data_ptr(), ptr_or_null(residual), y.data_ptr()});
@@ -1068,9 +1083,11 @@ void launch_apply(const at::Tensor& x, const Geometry& geometry,
       const int64_t channel_vecs = vec ? g.C / vec_width<T>() : g.C;
       const dim3 block = channels_last_block(channel_vecs);
       const int64_t tiles = ceil_div(channel_vecs, block.x);
+      const int vw = vec ? vec_width<T>() : 1;
+      const int64_t wave = full_wave(x, channels_last_blocks_per_sm(vw));
       const int64_t row_blocks = std::max<int64_t>(1, std::min<int64_t>(
-          {ceil_div(g.rows(), int64_t(block.y) * kUnroll), std::max<int64_t>(1, wave / tiles),
-           kMaxGridY}));
+          {ceil_div(g.rows(), int64_t(block.y) * rows_in_flight(vw)),
+           std::max<int64_t>(1, wave / tiles), kMaxGridY}));
       auto* kernel = vec ? &apply_channels_last_kernel<T, vec_width<T>()>
                          : &apply_channels_last_kernel<T, 1>;
       launch_kernel(kernel, dim3(tiles, row_blocks), block, stream, x.const_data_ptr<T>(), r,
@@ -1112,6 +1129,8 @@ PartialSums launch_backward_reduce(const at::Tensor& dy, const at::Tensor& x, co
       const int64_t channel_vecs = vec ? g.C / vec_width<T>() : g.C;
       const dim3 block = channels_last_block(channel_vecs);
       const int64_t tiles = ceil_div(channel_vecs, block.x);
+      // The split count (and so the fixed summation order) stays that of a 4-blocks-per-SM wave,
+      // as the statistics': with VEC > 1 that is two waves of this kernel's 2 blocks per SM.
       const Splits splits = reduction_splits(g.rows(), int64_t(block.y) * kUnroll, tiles, wave, g.C);
       ps.splits = splits.count;
       ps.part = at::empty({2, splits.count, g.C}, f32);
@@ -1146,7 +1165,6 @@ void launch_backward_dx(const at::Tensor& dy, const at::Tensor& x, const Geometr
                         const std::optional<at::Tensor>& residual, const ChannelAffine& affine,
                         bool relu, const float* a_coef, const float* k_coef, const float* c_coef,
                         at::Tensor* dx, at::Tensor* dres, cudaStream_t stream) {
-  const int64_t wave = full_wave(x);
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* r = relu ? typed_or_null<T>(residual) : nullptr;
@@ -1158,9 +1176,11 @@ void launch_backward_dx(const at::Tensor& dy, const at::Tensor& x, const Geometr
       const int64_t channel_vecs = vec ? g.C / vec_width<T>() : g.C;
       const dim3 block = channels_last_block(channel_vecs);
       const int64_t tiles = ceil_div(channel_vecs, block.x);
+      const int vw = vec ? vec_width<T>() : 1;
+      const int64_t wave = full_wave(x, channels_last_blocks_per_sm(vw));
       const int64_t row_blocks = std::min<int64_t>(
-          {ceil_div(g.rows(), int64_t(block.y) * kUnroll), std::max<int64_t>(1, wave / tiles),
-           kMaxGridY});
+          {ceil_div(g.rows(), int64_t(block.y) * rows_in_flight(vw)),
+           std::max<int64_t>(1, wave / tiles), kMaxGridY});
       auto* kernel = vec ? &backward_dx_channels_last_kernel<T, vec_width<T>()>
                          : &backward_dx_channels_last_kernel<T, 1>;
       launch_kernel(kernel, dim3(tiles, row_blocks), block, stream, dy.const_data_ptr<T>(),

@@ -9,8 +9,10 @@ Reductions are two-stage and deterministic: a grid of (row split g, channel bloc
 per-program partials to a channel-major [C, G] buffer (G ≤ MAX_PARTIALS), and a finalize kernel, a
 program per few channels, loads a [BLOCK_C, BLOCK_G] tile of them at once and reduces it in a fixed
 tree order. No program loops over partials. Batch statistics merge (count, mean, M2) partials with
-Chan's formula — never Σx² − (Σx)² — relative to a per-channel shift (the channel's first element),
-so input with a large common offset keeps its precision.
+Chan's formula, never Σx² − (Σx)²; each row block is two-pass (its mean, then Σ(x − mean)²), so
+input with a large common offset keeps its precision with no shift. (A shift by the channel's first
+element x₀ would cost precision: for zero-mean data Σ(x − x₀) grows to n·|x₀|, and its fp32
+rounding swamps the mean.)
 
 The per-channel math lives in the finalize kernels: the forward one writes mean and invstd and updates
 the running statistics in place (momentum, or 1/num_batches_tracked read from the device, and the
@@ -76,16 +78,6 @@ def _tile_offsets(rows, cols, C, HW, IS_NHWC: tl.constexpr):
 
 
 @triton.jit
-def _channel_shift(X, cols, cmask, HW, IS_NHWC: tl.constexpr, ACC: tl.constexpr):
-    """The channel's first element (row 0), or 0 where that is not finite."""
-    if IS_NHWC:
-        k = tl.load(X + cols, mask=cmask, other=0.0).to(ACC)
-    else:
-        k = tl.load(X + cols * HW, mask=cmask, other=0.0).to(ACC)
-    return tl.where(tl.abs(k) < float("inf"), k, 0.0)
-
-
-@triton.jit
 def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     n = n_a + n_b
     delta = mean_b - mean_a
@@ -146,7 +138,6 @@ def _stats_partial_kernel(
     pid_g = tl.program_id(0)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    shift = _channel_shift(X, cols, cmask, HW, IS_NHWC, ACC)
     row_begin = pid_g.to(tl.int64) * rows_per_prog
     row_end = tl.minimum(row_begin + rows_per_prog, M)
     mean = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
@@ -157,7 +148,7 @@ def _stats_partial_kernel(
         x = tl.load(X + _tile_offsets(rows, cols, C, HW, IS_NHWC), mask=mask, other=0.0)
         # Only the last chunk is partial: an element valid now was valid in every earlier chunk.
         n_a = ((start - row_begin) // BLOCK_R).to(ACC)
-        _, mean_new, m2_new = _chan_merge(n_a, mean, m2, 1.0, x.to(ACC) - shift[None, :], 0.0)
+        _, mean_new, m2_new = _chan_merge(n_a, mean, m2, 1.0, x.to(ACC), 0.0)
         mean = tl.where(mask, mean_new, mean)
         m2 = tl.where(mask, m2_new, m2)
     # Tile row i saw n_i elements of each channel; merge the rows (Chan's formula for many sets,
@@ -170,15 +161,15 @@ def _stats_partial_kernel(
     d = tl.where((n_i > 0) & cmask[None, :], mean_tile - mean[None, :], 0.0)
     m2 = tl.sum(m2, axis=0) + tl.sum(n_i * d * d, axis=0)
     part = cols * G + pid_g  # channel-major: the finalize reads a channel's partials contiguously
-    tl.store(PART_MEAN + part, mean, mask=cmask)  # relative to the channel shift
+    tl.store(PART_MEAN + part, mean, mask=cmask)
     tl.store(PART_M2 + part, m2, mask=cmask)
 
 
 @triton.jit
 def _stats_finalize_kernel(
-    X, PART_MEAN, PART_M2, MEAN, OUT2, RUNNING_MEAN, RUNNING_VAR, NUM_BATCHES,
-    M, C, HW, rows_per_prog, G, momentum, eps,
-    IS_NHWC: tl.constexpr, ACC: tl.constexpr, WRITE_M2: tl.constexpr, HAS_RUNNING: tl.constexpr,
+    PART_MEAN, PART_M2, MEAN, OUT2, RUNNING_MEAN, RUNNING_VAR, NUM_BATCHES,
+    M, C, rows_per_prog, G, momentum, eps,
+    ACC: tl.constexpr, WRITE_M2: tl.constexpr, HAS_RUNNING: tl.constexpr,
     CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     """Merges the G partials of BLOCK_C channels in one step (Chan's formula for many sets:
@@ -192,10 +183,9 @@ def _stats_finalize_kernel(
     n_g = tl.where(gs < G, tl.minimum(rows_per_prog, M - gs * rows_per_prog), 0).to(ACC)
     total = M.to(ACC)
     # n_g·mean_g keeps a non-finite partial mean non-finite (inf, or NaN for inf − inf), as eager.
-    mean_rel = tl.sum(n_g[None, :] * mean_g, axis=1) / total
-    d = tl.where(mask, mean_g - mean_rel[:, None], 0.0)
+    mean = tl.sum(n_g[None, :] * mean_g, axis=1) / total
+    d = tl.where(mask, mean_g - mean[:, None], 0.0)
     m2 = tl.sum(m2_g, axis=1) + tl.sum(n_g[None, :] * d * d, axis=1)
-    mean = mean_rel + _channel_shift(X, cols, cmask, HW, IS_NHWC, ACC)
     var = m2 / total
     tl.store(MEAN + cols, mean, mask=cmask)
     if WRITE_M2:
@@ -582,12 +572,12 @@ def _launch_stats_finalize(x, p: Plan, part_mean, part_m2, mean, out2, running_m
     has_running = running_mean is not None
     cumulative = has_running and momentum is None
     _stats_finalize_kernel[p.finalize_grid](
-        x, part_mean, part_m2, mean, out2,
+        part_mean, part_m2, mean, out2,
         running_mean if has_running else mean, running_var if has_running else mean,
         num_batches_tracked if cumulative else mean,
-        p.M, p.C, p.HW, p.rows_per_prog, p.G, 0.0 if momentum is None else float(momentum),
+        p.M, p.C, p.rows_per_prog, p.G, 0.0 if momentum is None else float(momentum),
         float(eps),
-        IS_NHWC=p.nhwc, ACC=_acc(x), WRITE_M2=write_m2, HAS_RUNNING=has_running,
+        ACC=_acc(x), WRITE_M2=write_m2, HAS_RUNNING=has_running,
         CUMULATIVE=cumulative, BLOCK_C=p.finalize_block_c, BLOCK_G=p.block_g)
 
 
