@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fastres
-from helpers import assert_rule
+from helpers import assert_rule_composition
 
 
 def basic_block(C):
@@ -63,7 +63,7 @@ def check_compiled(model, x, backend, train=True, channels_last=False, steps=2):
     for step in range(steps):
         trio = zip(results["compiled"][step], results["eager"][step], results["ref"][step])
         for i, (c, e, r) in enumerate(trio):
-            assert_rule(c, e.to(c.dtype), r, name=f"step {step} item {i}")
+            assert_rule_composition(c, e.to(c.dtype), r, name=f"step {step} item {i}")
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])

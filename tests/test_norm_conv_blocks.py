@@ -105,7 +105,7 @@ def test_block_matches_eager(kind, dtype, train):
         assert f is not None, name
         if e.dtype != f.dtype:  # fp16 eager block keeps fp16 BN params; compare in fp32
             e = e.to(f.dtype)
-        helpers.assert_rule(f, e, r, name)
+        helpers.assert_rule_composition(f, e, r, name)
 
 
 def test_momentum_none_counts_batches():
@@ -151,7 +151,7 @@ def test_fastres_bottleneck_forward_takes_the_path(monkeypatch):
     ref = run(copy.deepcopy(tv_block).double(), x.double(), False)
     eager = run(copy.deepcopy(tv_block), x, False)
     for name in ref:
-        helpers.assert_rule(fused[name], eager[name], ref[name], name) \
+        helpers.assert_rule_composition(fused[name], eager[name], ref[name], name) \
             if not name.endswith("num_batches_tracked") else \
             torch.testing.assert_close(fused[name], eager[name])
 
@@ -188,7 +188,7 @@ def test_gpu_block_matches_eager(kind, sizes, dtype, train):
         if name.endswith("num_batches_tracked"):
             assert torch.equal(fused[name], eager[name]), name
         else:
-            helpers.assert_rule(fused[name], eager[name].to(fused[name].dtype), ref[name], name)
+            helpers.assert_rule_composition(fused[name], eager[name].to(fused[name].dtype), ref[name], name)
 
 
 @pytest.mark.parametrize("dtype, sizes", [
@@ -223,7 +223,7 @@ def test_block_under_autocast(dtype, sizes):
         if name.endswith("num_batches_tracked"):
             assert torch.equal(fused[name], eager[name]), name
         else:
-            helpers.assert_rule(fused[name], eager[name], ref[name], name)
+            helpers.assert_rule_composition(fused[name], eager[name], ref[name], name)
 
 
 def saved_activation_bytes(fn, params):
@@ -314,7 +314,7 @@ def test_identity_block_makes_no_statistics_pass(kind, dtype, monkeypatch):
         if name.endswith("num_batches_tracked"):
             assert torch.equal(f, e), name
             continue
-        helpers.assert_rule(f, e.to(f.dtype), r, name)
+        helpers.assert_rule_composition(f, e.to(f.dtype), r, name)
 
 
 def test_resnet50_step_autotune_count(monkeypatch):
