@@ -36,6 +36,13 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    # `slow` tests (the full ahead-of-time compile sweep: tens of minutes on 2 cores) run only when
+    # asked for with FASTRES_RUN_SLOW=1; `make test` stays within its budget.
+    if os.environ.get("FASTRES_RUN_SLOW") != "1":
+        skip_slow = pytest.mark.skip(reason="slow: set FASTRES_RUN_SLOW=1 to run it")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip_slow)
     if GPU_SESSION:
         skip = pytest.mark.skip(reason=(
             "CPU-interpreter test: with a GPU visible it runs in the CPU session — `make test`, or "
