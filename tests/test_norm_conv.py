@@ -488,7 +488,9 @@ def test_conv_bias_act(dtype, geometry, with_residual):
     for name, f, e, r in zip(("y", "dx", "dw", "dbias", "dresidual"), fused, eager, ref):
         if name == "dbias":
             e = e.float()  # eager's bias grad is in x's dtype; the fused one in bias's (fp32)
-        assert_rule(name, f, e, r, dtype)
+        # dbias sums dy over a conv's output grid: conv then a per-channel reduction, a composition
+        # (helpers.assert_rule_composition): whole vector.
+        assert_rule(name, f, e, r, dtype, per_channel=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -671,7 +673,8 @@ def test_every_cuda_config_gpu_faithful(kind):
                     eager = eager_bn_act_conv(x, w, gamma, beta, conv_args, True)
                     fused = fused_bn_act_conv(x, w, gamma, beta, conv_args, True)
                     for name, f, e, r in zip(("y", "mean", "var"), fused, eager, ref):
-                        assert_rule(f"{config} {name}", f, e, r, dtype)
+                        # conv, then per-channel statistics: a composition (whole vectors)
+                        assert_rule(f"{config} {name}", f, e, r, dtype, per_channel=False)
                     continue
                 xs, ws, gs, bs = leaves(x, w, gamma, beta)
                 # Only the pinned kind is under test; the others run their own config.
@@ -687,7 +690,8 @@ def test_every_cuda_config_gpu_faithful(kind):
                 for name, f, e, r in (("dx", xs.grad, xe.grad, xr.grad),
                                       ("dw", ws.grad, we.grad, wr.grad),
                                       ("dgamma", gs.grad, ge.grad, gr.grad)):
-                    assert_rule(f"{config} {name}", f, e, r, dtype)
+                    # dgamma sums through the conv chain: a composition (whole vectors)
+                    assert_rule(f"{config} {name}", f, e, r, dtype, per_channel=False)
 
 
 GEOMETRIES["1x1_s1_16"] = (16, 24, 1, 1, 0, 1, 4, 4)
@@ -710,4 +714,5 @@ def test_plain_gemm_forward_paths(faithful, monkeypatch):
     has_descriptors = tconv.TensorDescriptor is not None
     assert seen == [faithful and has_descriptors]
     for name, f, e, r in zip(("y", "mean", "var"), fused, eager, ref):
-        assert_rule(name, f, e, r, torch.float32)
+        # conv, then per-channel statistics: a composition (whole vectors)
+        assert_rule(name, f, e, r, torch.float32, per_channel=False)

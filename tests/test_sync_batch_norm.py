@@ -356,18 +356,18 @@ def check_model_results(per_rank, what):
     for rank, got in enumerate(fused):
         sl = slice(sum(MODEL_SIZES[:rank]), sum(MODEL_SIZES[:rank + 1]))
         for key in ("y", "dx", "y_eval"):
-            assert_rule(got[key], single["eager"][key][sl], single["ref"][key][sl],
+            assert_rule_composition(got[key], single["eager"][key][sl], single["ref"][key][sl],
                         name=f"{what} rank {rank} {key}")
         for k, t in got["buffers"].items():
             assert torch.equal(t, fused[0]["buffers"][k]), f"{what}: {k} differs between ranks"
             if t.is_floating_point():
-                assert_rule(t, single["eager"]["buffers"][k], single["ref"]["buffers"][k],
+                assert_rule_composition(t, single["eager"]["buffers"][k], single["ref"]["buffers"][k],
                             name=f"{what} rank {rank} {k}")
             else:
                 assert torch.equal(t, single["eager"]["buffers"][k]), f"{what}: {k}"
     for k in fused[0]["grads"]:
         total = sum(r["grads"][k].double() for r in fused).float()
-        assert_rule(total, single["eager"]["grads"][k], single["ref"]["grads"][k],
+        assert_rule_composition(total, single["eager"]["grads"][k], single["ref"]["grads"][k],
                     name=f"{what} Σ grad {k}")
 
 
