@@ -35,28 +35,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test")
 
 
-# Composition tests whose eager baseline (one eager run, or a few orders) measurably underestimates
-# eager's own precision class for a multi-layer / multi-rank trajectory: the fused error is 1.2–2.4×
-# the rule's limit as a WHOLE tensor, with every op in them held to the rule channel by channel at
-# op level and every mutant caught (docs/mutation_report.md). Not a pass: they still run and report
-# XFAIL/XPASS. The fix — each layer compared on identical inputs (issue 12) — is open; listed here,
-# in one place, so nobody mistakes them for green.
-COMPOSITION_BASELINE_GAPS = {
-    "tests/test_modules.py::test_blocks_match_torchvision[cpu-True-Bottleneck-4-4-2-2-64]":
-        "step1.grad.conv1.weight after an SGD step: fused 2.34e-05 > 2 × eager 9.03e-06 + 1 ulp",
-    "tests/test_norm_conv_blocks.py::test_block_matches_eager[train-dtype1-bottleneck]":
-        "fp16 dconv3.weight through the normconv chain: fused 0.0721 > 2 × eager 0.0263 + 1 ulp",
-    "tests/test_sync_batch_norm.py::test_gloo_convert_sync_bn_model":
-        "Σ over 2 ranks of a converted model's grads vs one process: fused 1.84e-06 > 2 × 6.42e-07 + 1 ulp",
-}
-
-
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        reason = COMPOSITION_BASELINE_GAPS.get(item.nodeid)
-        if reason:
-            item.add_marker(pytest.mark.xfail(strict=False, reason="composition baseline gap "
-                                              "(issue 12, open): " + reason))
     # `slow` tests (the full ahead-of-time compile sweep: tens of minutes on 2 cores) run only when
     # asked for with FASTRES_RUN_SLOW=1; `make test` stays within its budget.
     if os.environ.get("FASTRES_RUN_SLOW") != "1":

@@ -141,19 +141,21 @@ _order: list[int] = [0]
 
 
 def assert_rule_composition(fused, eager, ref, name="", **kwargs):
-    """The rule for results of a COMPOSITION of several ops (a block, a model, a compiled graph,
-    an optimizer trajectory, SyncBN across ranks): per-channel vectors are held to it as whole
-    vectors (the largest error over channels), with the same factor 2 and 1-ulp floor.
+    """The rule for results of a COMPOSITION of several ops where no ensemble of eager executions
+    is built (a compiled graph, a normconv block, a deep model, SyncBN across ranks): per-channel
+    vectors are held to it as whole vectors (the largest error over channels), with the same
+    factor 2 and 1-ulp floor.
 
     Why not channel by channel there: the per-channel rule is exact for ONE op given the SAME
     inputs as eager (test_batch_norm_act.py, the normconv op tests, the emulated CUDA tests hold
-    every channel). In a composition, each side's channel error is a sum of its own upstream
-    roundings (different conv / reduction orders in every layer before), an independent draw of
-    the same noise; a single eager run per channel then underestimates eager's class for a
-    sizeable fraction of channels (measured: ≈30 % per channel for two draws of the same
-    Gaussian noise, and correct kernels failed in test_convert, test_modules, test_compile,
-    test_norm_conv_blocks). A wrong channel in a fused op is caught at op level; here the whole
-    vector must still be within 2× eager's largest error + 1 ulp."""
+    every channel, and module_helpers.check_layers holds every BN layer of the model tests on the
+    very inputs it had in the model). In a composition, each side's channel error is a sum of its
+    own upstream roundings (different conv / reduction orders in every layer before), an
+    independent draw of the same noise; a single eager run per channel then underestimates
+    eager's class for a sizeable fraction of channels (measured: ≈30 % per channel for two draws
+    of the same Gaussian noise). Modules and blocks (module_helpers.compare_models) are held
+    channel by channel against an ensemble of eager executions, every step from the same state.
+    Here the whole vector must still be within 2× eager's largest error + 1 ulp."""
     kwargs.setdefault("per_channel", False)
     assert_rule(fused, eager, ref, name, **kwargs)
 

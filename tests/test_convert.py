@@ -38,7 +38,8 @@ def check_converted(model, converted, steps=1, train=True, what=""):
     """The rule in fp32 on the test backend (Triton kernels)."""
     assert list(converted.state_dict()) == list(model.state_dict())
     xs, gs = data(model, steps)
-    return compare_models(converted, model, xs, gs, steps=steps, train=train, what=what)
+    return compare_models(converted, model, xs, gs, steps=steps, train=train, what=what,
+                          per_channel=False)
 
 
 def check_wiring(model, converted, steps=3, train=True, shape=SHAPE, what=""):
@@ -161,7 +162,7 @@ def test_report_and_logging(caplog):
     assert type(converted[4]) is torchvision.models.resnet.BasicBlock
     assert "converted 0.1" in str(report)
     xs, gs = make_inputs((4, 3, 6, 6), 1, seed=43), make_inputs((4, 4, 6, 6), 1, seed=44)
-    compare_models(converted, model, xs, gs, steps=1, what="sequential")
+    compare_models(converted, model, xs, gs, steps=1, what="sequential", per_channel=False)
 
 
 def test_non_standard_blocks_are_left_or_partly_fused():

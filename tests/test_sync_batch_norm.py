@@ -343,6 +343,50 @@ def test_gloo_deterministic(gloo_results, case_name):
                     assert torch.equal(t, rerun[key]), f"{backend}/{case_name} rank {rank} {key}"
 
 
+def _sliced_forward(module, xs):
+    """``module`` (small_resnet's module types) applied to the per-rank slices ``xs`` in eager, as
+    data-parallel training runs it: every convolution, ReLU and add on each slice separately, and
+    every BN normalising each slice with the statistics of all slices (SyncBN's math, autograd
+    flowing across slices through them)."""
+    from torchvision.models.resnet import BasicBlock
+
+    if isinstance(module, torch.nn.Sequential):
+        for child in module:
+            xs = _sliced_forward(child, xs)
+        return xs
+    if isinstance(module, torch.nn.BatchNorm2d):
+        var, mean = torch.var_mean(torch.cat(xs), dim=(0, 2, 3), correction=0)
+        scale = torch.rsqrt(var + module.eps).view(1, -1, 1, 1)
+        mean = mean.view(1, -1, 1, 1)
+        w, b = module.weight.view(1, -1, 1, 1), module.bias.view(1, -1, 1, 1)
+        return [(x - mean) * scale * w + b for x in xs]
+    if isinstance(module, BasicBlock):
+        out = _sliced_forward(torch.nn.Sequential(module.conv1, module.bn1, module.relu,
+                                                  module.conv2, module.bn2), xs)
+        identity = xs if module.downsample is None else _sliced_forward(module.downsample, xs)
+        return [torch.relu(o + i) for o, i in zip(out, identity)]
+    if isinstance(module, torch.nn.ReLU):
+        return [torch.relu(x) for x in xs]
+    assert isinstance(module, torch.nn.Conv2d), type(module)
+    return [module(x) for x in xs]
+
+
+def data_parallel_eager_grads(model, x, grad_out):
+    """The parameter gradients of eager data-parallel training over MODEL_SIZES ranks, in one
+    process: each slice's local gradient accumulated in fp32, then the slices' sum (autograd's
+    accumulation across the per-slice uses of a parameter, as DDP's all-reduce adds the ranks'
+    fp32 gradients). Eager's precision class for Σ over ranks of local gradients: it carries the
+    rounding of each rank's partial sum, which a single process over the whole batch does not."""
+    bounds = [sum(MODEL_SIZES[:r]) for r in range(len(MODEL_SIZES) + 1)]
+    xs = [x[a:b] for a, b in zip(bounds, bounds[1:])]
+    gs = [grad_out[a:b] for a, b in zip(bounds, bounds[1:])]
+    model.train()
+    ys = _sliced_forward(model, xs)
+    params = dict(model.named_parameters())
+    torch.autograd.backward(ys, gs)
+    return {k: p.grad.detach().clone() for k, p in params.items()}
+
+
 def check_model_results(per_rank, what):
     """Converted model with sync_bn on each rank vs the unconverted model over the whole batch: outputs
     and input grads per slice, Σ over ranks of the local parameter grads (what DDP all-reduces),
@@ -365,10 +409,13 @@ def check_model_results(per_rank, what):
                             name=f"{what} rank {rank} {k}")
             else:
                 assert torch.equal(t, single["eager"]["buffers"][k]), f"{what}: {k}"
+    # Σ over ranks of the local gradients: eager's class is eager over the whole batch and eager
+    # data-parallel (each rank's partial gradient rounded to fp32 before the sum).
+    data_parallel = data_parallel_eager_grads(small_resnet(), x, grad_out)
     for k in fused[0]["grads"]:
         total = sum(r["grads"][k].double() for r in fused).float()
-        assert_rule_composition(total, single["eager"]["grads"][k], single["ref"]["grads"][k],
-                    name=f"{what} Σ grad {k}")
+        assert_rule_composition(total, [single["eager"]["grads"][k], data_parallel[k]],
+                                single["ref"]["grads"][k], name=f"{what} Σ grad {k}")
 
 
 def test_gloo_convert_sync_bn_model(gloo_results):
