@@ -718,10 +718,11 @@ def test_plain_gemm_forward_paths(faithful, monkeypatch):
         assert_rule(name, f, e, r, torch.float32, per_channel=False)
 
 
-def _plain_gemm_case(dtype, n=2, hw=5, C=24, K=40, seed=3):
-    """A 1×1 stride-1 layer's operands, NHWC, with both prologues' inputs: M = 50 pixels and
-    C = 24, K = 40 channels (no multiple of the interpreter's 32×32×16 tile: every edge is a
-    partial tile, read past the matrix end)."""
+def _plain_gemm_case(dtype, n=2, hw=5, C=56, K=40, seed=3):
+    """A 1×1 stride-1 layer's operands, NHWC, with both prologues' inputs: M = 50 pixels, C = 56
+    and K = 40 channels — two tiles of the interpreter's 32×32×16 config along every output
+    dimension, and no dimension a multiple of its tile (each GEMM's last tiles, reduction
+    included, are read past the matrix end)."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *shape, s=1.0: (torch.randn(*shape, generator=g) * s)  # noqa: E731
     return dict(x=r(n, hw, hw, C).to(dtype), w=(r(K, 1, 1, C) / C ** 0.5).to(dtype),
@@ -730,41 +731,48 @@ def _plain_gemm_case(dtype, n=2, hw=5, C=24, K=40, seed=3):
                 beta=r(K, s=0.1))
 
 
-def _run_plain_gemm(kind, t, split=None):
+def _run_plain_gemm(kind, t, prologues, split=None):
     plain = ((1, 1), (0, 0), (1, 1))
+    x, scale, shift = (t["x"], t["scale"], t["shift"]) if prologues else (None, None, None)
+    dy_stats = (t["y"], t["y_mean"], t["alpha"], t["beta"]) if prologues else None
     if kind == "fwd":
-        return tconv.conv_fwd(t["x"], t["w"], t["scale"], t["shift"], *plain, True)
-    dy_stats = (t["y"], t["y_mean"], t["alpha"], t["beta"])
+        return tconv.conv_fwd(t["x"], t["w"], scale, shift, *plain, True)
     if kind == "dgrad":
-        return tconv.conv_dgrad(t["dy"], t["w"], t["x"].shape[1:3], *plain, t["x"], t["scale"],
-                                t["shift"], dy_stats=dy_stats)
-    return (tconv.conv_wgrad(t["dy"], t["x"], (1, 1), *plain, t["scale"], t["shift"],
-                             split=split, dy_stats=dy_stats),)
+        return tconv.conv_dgrad(t["dy"], t["w"], t["x"].shape[1:3], *plain, x, scale, shift,
+                                dy_stats=dy_stats)
+    return (tconv.conv_wgrad(t["dy"], t["x"], (1, 1), *plain, scale, shift, split=split,
+                             dy_stats=dy_stats),)
 
 
 @pytest.mark.skipif(tconv.TensorDescriptor is None, reason="this Triton has no tensor descriptors")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("prologues", [True, False], ids=["prologues", "bare"])
 @pytest.mark.parametrize("kind,split", [("fwd", None), ("dgrad", None), ("wgrad", None),
                                         ("wgrad", 3)], ids=["fwd", "dgrad", "wgrad", "wgrad-split3"])
-def test_plain_gemm_descriptors_bitwise_equal_pointers(kind, split, dtype, monkeypatch):
-    """1×1 stride-1 fwd / dgrad / wgrad in GPU-faithful mode with both prologues (BN-apply + ReLU
-    of x, the statistics' gradient folded into dy): the descriptor (TMA) path and the pointer path
-    return bit-identical results — same tiles, zero fill past the edges, the transforms in
-    registers after the load. wgrad split 3 ways: tiles end at split boundaries (one split empty)."""
+def test_plain_gemm_descriptors_bitwise_equal_pointers(kind, split, prologues, dtype, monkeypatch):
+    """1×1 stride-1 fwd / dgrad / wgrad in GPU-faithful mode, with both prologues (BN-apply + ReLU
+    of x, the statistics' gradient folded into dy) and without: the descriptor (TMA) path and the
+    pointer path return bit-identical results — same tiles, zero fill past the edges, the
+    transforms in registers after the load. wgrad split 3 ways: a split's tiles end at its
+    boundary (no mask hides a tile that crosses it when there is no prologue; one split is
+    empty)."""
     t = _plain_gemm_case(dtype)
     seen = []
     original = tconv.use_tensor_descriptors
     monkeypatch.setattr(tconv, "use_tensor_descriptors",
                         lambda *ts: seen.append(original(*ts)) or seen[-1])
     with gpu_faithful():
-        descriptors = _run_plain_gemm(kind, t, split)
+        descriptors = _run_plain_gemm(kind, t, prologues, split)
     assert seen == [True]
     monkeypatch.setattr(tconv, "use_tensor_descriptors", lambda *ts: False)
     with gpu_faithful():
-        pointers = _run_plain_gemm(kind, t, split)
+        pointers = _run_plain_gemm(kind, t, prologues, split)
     for a, b in zip(descriptors, pointers):
+        if a is None:  # dgrad without the prologue: no partial sums
+            assert b is None
+            continue
         assert a.dtype == b.dtype and torch.equal(a, b), (a - b).abs().max()
-    if kind == "dgrad":  # and the pointer path is right: dx against eager's conv
+    if kind == "dgrad" and prologues:  # and the pointer path is right: dx against eager's conv
         dx = descriptors[0].permute(0, 3, 1, 2).double()
         dy_eff = t["dy"].double() + (t["alpha"] + t["beta"] * (t["y"].double() - t["y_mean"]))
         da = F.conv2d(dy_eff.to(dtype).double().permute(0, 3, 1, 2),
