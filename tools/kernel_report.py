@@ -28,7 +28,9 @@ How the specialisation is obtained (not duplicated by hand):
             (227 KB sm_90, 163 KB sm_80)
    mma      wgmma (Hopper warpgroup MMA), mma.sync (Ampere-style), or none — from the PTX
    async    cp.async copies (global → shared pipelining) in the PTX: count
-   tma      cp.async.bulk.tensor (TMA) in the PTX: count
+   tma      cp.async.bulk.tensor (TMA) in the PTX: count. The 1×1 stride-1 conv variants (plain
+            GEMMs) load through tensor descriptors where Triton has them (``USE_TMA`` in the
+            variant, tma > 0); every other variant loads through pointers (tma 0)
    ld / st  widths in bits of the global loads / stores in the PTX (ld.global.v4.b32 = 128)
 
 One GPU-only choice cannot be made under the interpreter and is applied at capture:
@@ -173,9 +175,11 @@ def _all_scenarios(dtype_name: str, only: set, quick: bool, layouts=LAYOUTS):
                                                              eval_epilogue=True))],
             "dgrad": [("3x3 prologue+dy", CONV_3X3, dict(prologue=True)),
                       ("1x1 plain prologue+dy", CONV_1X1, dict(prologue=True)),
+                      ("1x1 plain dy", CONV_1X1, dict(prologue=False)),
                       ("3x3/2 prologue+dy", CONV_3X3_S2, dict(prologue=True)),
                       ("3x3 plain", CONV_3X3, dict(prologue=False, dy_prologue=False))],
             "wgrad": [("3x3 prologue+dy", CONV_3X3, dict(prologue=True)),
+                      ("1x1 plain prologue+dy", CONV_1X1, dict(prologue=True)),
                       ("1x1 plain", CONV_1X1, dict(prologue=False, dy_prologue=False))],
         }
         for kind, cases in variants.items():
@@ -456,6 +460,11 @@ def main(argv=None) -> int:
     spills = [r for r in rows if r.spill and not r.over_smem]
     print(f"# {len(rows)} compiles; over the shared-memory limit: {len(over)}; "
           f"spilling (within the limit): {len(spills)}")
+    conv_mma = [r for r in rows if r.mma != "none" and r.kernel.startswith("_conv_")]
+    if conv_mma:
+        tma = [r for r in conv_mma if r.tma]
+        print(f"# conv MMA compiles loading through TMA (USE_TMA: 1x1 stride-1 plain GEMMs): "
+              f"{len(tma)} of {len(conv_mma)}; the others load through pointers")
     return 0
 
 
