@@ -33,8 +33,11 @@ How the specialisation is obtained (not duplicated by hand):
             variant, tma > 0); every other variant loads through pointers (tma 0)
    ld / st  widths in bits of the global loads / stores in the PTX (ld.global.v4.b32 = 128)
 
-One GPU-only choice cannot be made under the interpreter and is applied at capture:
-``conv.input_precision`` answers as on a CUDA device (tf32 for fp32 when cuDNN allows TF32).
+Two GPU-only choices cannot be made under the interpreter and are applied at capture:
+``conv.input_precision`` answers as on a CUDA device (tf32 for fp32 when cuDNN allows TF32), and
+``conv.use_tensor_descriptors`` as on the target arch: GPU-faithful mode models an H100, so sm_90
+gets the descriptor (TMA) variants of the 1×1 stride-1 convs; for sm_80 the scenarios that used
+descriptors are captured again with them off (the pointer path an A100 takes).
 """
 from __future__ import annotations
 
@@ -244,17 +247,48 @@ def capture(archs: Iterable[int], dtypes: Iterable[str], only: set, quick: bool,
             return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
         conv.input_precision = cuda_input_precision
 
+    # GPU-faithful mode models an H100: the plain-GEMM launches pass tensor descriptors (TMA). An
+    # arch without TMA gets what its launcher passes there: the pointer path (a scenario that used
+    # descriptors runs again with them off).
+    tma_archs = [a for a in archs if a >= TMA_MIN_ARCH]
+    pointer_archs = [a for a in archs if a < TMA_MIN_ARCH]
+
+    def uses_descriptors(records):
+        desc = getattr(sys.modules.get("fastres.triton.conv"), "TensorDescriptor", None)
+        return desc is not None and any(isinstance(v, desc) for r in records
+                                        for v in r.args.values())
+
     specs: dict = {}
     with fastres.use_backend("triton"), gpu_faithful():
         for dtype in dtypes:
             for label, run in _scenarios(dtype, only, quick, select, layouts):
                 with capture_launches() as records:
                     run()
-                for record in records:
-                    for arch in archs:
-                        spec = _specialise(record, arch, dtype, label)
-                        specs.setdefault(spec.key(), spec)
+                groups = [(records, tma_archs + pointer_archs)]
+                if pointer_archs and uses_descriptors(records):
+                    with _descriptors_off(), capture_launches() as pointer_records:
+                        run()
+                    groups = [(records, tma_archs), (pointer_records, pointer_archs)]
+                for group_records, group_archs in groups:
+                    for record in group_records:
+                        for arch in group_archs:
+                            spec = _specialise(record, arch, dtype, label)
+                            specs.setdefault(spec.key(), spec)
     return list(specs.values())
+
+
+TMA_MIN_ARCH = 90  # tensor descriptors lower to TMA from Hopper on; conv.use_tensor_descriptors
+
+
+@contextlib.contextmanager
+def _descriptors_off():
+    from fastres.triton import conv
+    saved = conv.use_tensor_descriptors
+    conv.use_tensor_descriptors = lambda *operands: False
+    try:
+        yield
+    finally:
+        conv.use_tensor_descriptors = saved
 
 
 def capture_in_subprocess(archs, dtypes, only, quick, select=None, layouts=LAYOUTS) -> list[Spec]:
