@@ -749,24 +749,34 @@ def _run_plain_gemm(kind, t, prologues, split=None):
 @pytest.mark.parametrize("prologues", [True, False], ids=["prologues", "bare"])
 @pytest.mark.parametrize("kind,split", [("fwd", None), ("dgrad", None), ("wgrad", None),
                                         ("wgrad", 3)], ids=["fwd", "dgrad", "wgrad", "wgrad-split3"])
-def test_plain_gemm_descriptors_bitwise_equal_pointers(kind, split, prologues, dtype, monkeypatch):
+def test_plain_gemm_descriptors_bitwise_equal_pointers(kind, split, prologues, dtype, monkeypatch,
+                                                       dot_counter):
     """1×1 stride-1 fwd / dgrad / wgrad in GPU-faithful mode, with both prologues (BN-apply + ReLU
     of x, the statistics' gradient folded into dy) and without: the descriptor (TMA) path and the
     pointer path return bit-identical results — same tiles, zero fill past the edges, the
     transforms in registers after the load. wgrad split 3 ways: a split's tiles end at its
     boundary (no mask hides a tile that crosses it when there is no prologue; one split is
-    empty)."""
+    empty). Every MMA's operand tiles (and the saved y of dy_stats) come through descriptors."""
+    from triton.runtime import interpreter
+
     t = _plain_gemm_case(dtype)
-    seen = []
+    seen, loads = [], []
     original = tconv.use_tensor_descriptors
     monkeypatch.setattr(tconv, "use_tensor_descriptors",
                         lambda *ts: seen.append(original(*ts)) or seen[-1])
+    load = interpreter.InterpreterBuilder.create_descriptor_load
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_descriptor_load",
+                        lambda self, *a, **k: loads.append(1) or load(self, *a, **k))
     with gpu_faithful():
         descriptors = _run_plain_gemm(kind, t, prologues, split)
     assert seen == [True]
+    tiles_per_dot = 2 + (prologues and kind != "fwd")  # a, b [and y]
+    assert dot_counter and len(loads) == tiles_per_dot * len(dot_counter)
     monkeypatch.setattr(tconv, "use_tensor_descriptors", lambda *ts: False)
+    del loads[:], dot_counter[:]
     with gpu_faithful():
         pointers = _run_plain_gemm(kind, t, prologues, split)
+    assert dot_counter and not loads
     for a, b in zip(descriptors, pointers):
         if a is None:  # dgrad without the prologue: no partial sums
             assert b is None
