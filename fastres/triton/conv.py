@@ -18,8 +18,6 @@ Kernels (one launcher each):
                           tree, chunks Chan-merged in fixed order) — deterministic. Accumulated in
                           ACC = ``compute_dtype``: fp32 on CUDA (and GPU-faithful CPU runs), fp64
                           on CPU, as ATen's BN on that device; returned as fp32.
-                1×1 stride-1 layers (plain GEMMs) load x and w through tensor descriptors (TMA)
-                on sm_90+ when Triton has them (``use_tensor_descriptors``), else pointers.
     conv_dgrad  dx[n,h,w,c] = Σ_{r,s,k} dy[n,p,q,k] · w[k,r,s,c] over taps with h = p·σ−π+r·δ;
                 sub-pixel decomposition: one grid slice per phase (h mod σ, w mod σ), each looping
                 over only the taps that hit that phase (no MMA on masked taps; a 3×3 stride-2
@@ -34,6 +32,14 @@ Kernels (one launcher each):
                 fixed order (no atomics).
     dgrad and wgrad also fold the gradient that reaches y through its own batch statistics into
     dy while loading it (``dy_stats``): dy_eff = dy + dmean/M + (2·dvar/M)·(y − mean).
+
+1×1 stride-1 layers (plain GEMMs, two thirds of ResNet-50's convs) load their operand tiles
+through tensor descriptors (TMA) on sm_90+ when Triton has them and the rows are 16-byte aligned
+(``use_tensor_descriptors``: one decision per launch, ``USE_TMA`` per kernel), else through
+pointers: fwd x [M, C] and w [K, C]; dgrad dy [M, K], w [K, C] and the saved y of ``dy_stats``;
+wgrad dy [M, K], x [M, C] and y. The prologues (BN-apply + ReLU of x, ``dy_stats``) run in
+registers after the load, the same arithmetic on the same values as the pointer path: the two
+paths' results are bit-identical (tests/test_norm_conv.py, under the interpreter).
 
 groups = 1 only; the op layer falls back to eager conv otherwise.
 
