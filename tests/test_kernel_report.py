@@ -189,3 +189,26 @@ def test_only_plain_gemms_use_tma(conv_rows):
     """The other conv variants (3×3 here) load through pointers: no descriptor, no TMA."""
     for r in conv_rows:
         assert r.tma == 0 and "USE_TMA" not in r.variant.split(), r
+
+
+def test_capture_gives_sm80_the_pointer_path(monkeypatch):
+    """GPU-faithful capture models an H100; an A100 (sm_80) has no TMA, so its specialisations of
+    the same 1×1 launches are the pointer path's (captured again with descriptors off)."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import kernel_report
+
+    from fastres.triton import conv
+    if conv.TensorDescriptor is None:
+        pytest.skip("this Triton has no tensor descriptors: the pointer path only")
+    monkeypatch.setattr(conv, "input_precision", conv.input_precision)  # capture patches it
+    specs = kernel_report.capture((90, 80), ("bf16",), {"conv"}, False,
+                                  select=r"^conv (dgrad|wgrad) 1x1 plain 64x64x64 |"
+                                         r"^conv dgrad 1x1 plain dy 64x64x64 ")
+    use_tma = {}
+    for spec in specs:
+        if spec.name in ("_conv_dgrad_kernel", "_conv_wgrad_kernel"):
+            names = getattr(conv, spec.name).arg_names
+            consts = {names[path[0]]: value for path, value in spec.constexprs}
+            use_tma.setdefault((spec.name, spec.arch), set()).add(consts["USE_TMA"])
+    assert use_tma == {("_conv_dgrad_kernel", 90): {True}, ("_conv_dgrad_kernel", 80): {False},
+                       ("_conv_wgrad_kernel", 90): {True}, ("_conv_wgrad_kernel", 80): {False}}

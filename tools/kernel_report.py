@@ -119,7 +119,7 @@ def _all_scenarios(dtype_name: str, only: set, quick: bool, layouts=LAYOUTS):
             module = fastres.BatchNormAct2d(shape[1])
             module.mask_from_output = mask_from_output  # backward's mask from the saved output
             memory_format = cl if layout == "nhwc" else torch.contiguous_format
-            x = torch.empty(shape, dtype=dtype).to(memory_format=memory_format).requires_grad_()
+            x = torch.empty(shape, dtype=dtype, memory_format=memory_format).requires_grad_()
             res = torch.empty_like(x).requires_grad_() if residual else None
             y = module(x, res) if residual else module(x)
             y.backward(torch.empty_like(y))
@@ -144,21 +144,21 @@ def _all_scenarios(dtype_name: str, only: set, quick: bool, layouts=LAYOUTS):
 
         def run():
             ops = torch.ops.fastres
-            x = torch.empty((n, c, h, w), dtype=dtype).to(memory_format=cl)
-            wt = torch.empty((k, c, r, r), dtype=dtype).to(memory_format=cl)
+            x = torch.empty((n, c, h, w), dtype=dtype, memory_format=cl)  # no copy
+            wt = torch.empty((k, c, r, r), dtype=dtype, memory_format=cl)
             scale = torch.empty(c) if prologue else None
             shift = torch.empty(c) if prologue else None
             args = ([s, s], [p, p], [1, 1], 1)
             if kind == "fwd" and eval_epilogue:
                 ho = (h + 2 * p - r) // s + 1
-                res = torch.empty((n, k, ho, (w + 2 * p - r) // s + 1), dtype=dtype).to(
-                    memory_format=cl)
+                res = torch.empty((n, k, ho, (w + 2 * p - r) // s + 1), dtype=dtype,
+                                  memory_format=cl)
                 ops.conv_bias_act(x, wt, torch.empty(k), res, *args[:3], 1, True)
             elif kind == "fwd":
                 ops.norm_conv_fwd(x, wt, scale, shift, *args, stats)
             else:
                 ho, wo = (h + 2 * p - r) // s + 1, (w + 2 * p - r) // s + 1
-                dy = torch.empty((n, k, ho, wo), dtype=dtype).to(memory_format=cl)
+                dy = torch.empty((n, k, ho, wo), dtype=dtype, memory_format=cl)
                 extra = (torch.empty_like(dy), torch.empty(k), torch.empty(k), torch.empty(k)) \
                     if dy_prologue else (None, None, None, None)
                 op = ops.norm_conv_dgrad if kind == "dgrad" else ops.norm_conv_wgrad
