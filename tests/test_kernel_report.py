@@ -2,10 +2,14 @@
 with its launcher's own specialisation, within the shared-memory limit, without spills, with wgmma
 on sm_90 for the conv MMA kernels, 128-bit accesses in the NHWC elementwise kernels.
 
-The fast tests compile (sm_90): the BN-act kernels of one bf16 NHWC BatchNormAct2d step with a
-residual (ResNet-50's 64×56×56 at batch 256) and its reduction kernels also in fp32 and NCHW, and the
-conv configurations with the largest shared-memory footprint in fp32 (TF32). The slow test
-compiles every conv configuration for sm_90 and sm_80 in fp32 (the dtype with the largest tiles).
+The fast tests compile (sm_90), in ONE run of the tool (one capture, one compile process: each
+costs ~10 s of imports, a compile ~1 s): the BN-act kernels of one bf16 NHWC BatchNormAct2d step
+with a residual (ResNet-50's 64×56×56 at batch 256) and its reduction kernels also in fp32 and
+NCHW; the conv configurations with the largest shared-memory footprint in fp32 (TF32, 3×3 with
+both prologues); and the 1×1 stride-1 conv variants (plain GEMMs: fwd, dgrad, wgrad, with and
+without prologues) in bf16 at one config, which load through tensor descriptors (TMA). The slow
+test compiles every conv configuration for sm_90 and sm_80 in fp32 (the dtype with the largest
+tiles).
 Kernel names below are those of the current kernels; a rewrite updates them here.
 """
 import importlib.util
@@ -60,18 +64,39 @@ def _run_report(*args) -> list:
     return pickle.loads(out.stdout)
 
 
+# The scenarios of the fast tests (labels: tools/kernel_report.py _all_scenarios) and, of what they
+# launch, the specialisations compiled ("kernel dtype scenario"):
+QUICK_SCENARIOS = (r"^bn \S+ \(256, 64, 56, 56\) residual=True$"
+                   r"|^conv \S+ 3x3 prologue\S* 128x128x64 "  # fp32: only the first case runs
+                   r"|^conv \S+ 1x1 .* 64x64x64 ")
+QUICK_COMPILES = (r"_partial_kernel \S+ bn |_kernel bf16 bn nhwc"  # BN: bf16 NHWC step; reductions
+                  r"|_kernel fp32 conv \S+ 3x3 "  # conv: the largest tiles, fp32
+                  r"|_kernel bf16 conv \S+ 1x1 ")  # conv: the plain GEMMs, bf16
+
+
 @pytest.fixture(scope="module")
-def bn_rows():
+def quick_rows():
+    """The fast tests' compiles, one tool run shared by every test of the module."""
+    return _run_report("archs=(90,)", "dtypes=('bf16', 'fp32')", "only=('bn', 'conv')",
+                       f"select={QUICK_SCENARIOS!r}", f"compile_only={QUICK_COMPILES!r}")
+
+
+@pytest.fixture(scope="module")
+def bn_rows(quick_rows):
     # Every kernel of the bf16 NHWC step; the reductions also in fp32 and NCHW.
-    return _run_report("archs=(90,)", "dtypes=('bf16', 'fp32')", "only=('bn',)", "quick=True",
-                       "compile_only=r'_partial_kernel|_kernel bf16 bn nhwc'")
+    return [r for r in quick_rows if r.scenario.startswith("bn ")]
 
 
 @pytest.fixture(scope="module")
-def conv_rows():
+def conv_rows(quick_rows):
     # The largest tiles of each kind, fp32 (TF32: twice the bytes per element of bf16).
-    return _run_report("archs=(90,)", "dtypes=('fp32',)", "only=('conv',)",
-                       r"select=r'^conv (fwd|dgrad|wgrad) \S+ \S+ 128x128x64 '")
+    return [r for r in quick_rows if r.scenario.startswith("conv ") and r.dtype == "fp32"]
+
+
+@pytest.fixture(scope="module")
+def plain_gemm_rows(quick_rows):
+    # The 1×1 stride-1 variants (plain GEMMs), bf16, one config.
+    return [r for r in quick_rows if r.scenario.startswith("conv ") and " 1x1 " in r.scenario]
 
 
 def test_bn_kernels_compile_without_spills(bn_rows):
@@ -141,3 +166,49 @@ def test_every_conv_config_fits_without_spills():
     rows = _run_report("archs=(90, 80)", "dtypes=('fp32', 'bf16')", "only=('conv',)")
     problems = _check_conv(rows)
     assert not problems, "\n".join(problems)
+
+
+def test_plain_gemm_variants_load_through_tma_on_sm90(plain_gemm_rows):
+    """The 1×1 stride-1 fwd, dgrad and wgrad variants (with and without prologues) compile with the
+    launcher's specialisation — the descriptors' block shapes set by the config's pre-hook — to
+    TMA loads (cp.async.bulk.tensor) and wgmma, within shared memory, without spills; the kernel
+    report names the path (USE_TMA)."""
+    from fastres.triton import conv
+    if conv.TensorDescriptor is None:
+        pytest.skip("this Triton has no tensor descriptors: the pointer path only")
+    mma = [r for r in plain_gemm_rows if r.kernel in CONV_MMA_KERNELS]
+    cases = {(r.kernel, "HAS_PROLOGUE" in r.variant.split()) for r in mma}
+    assert cases == {(k, p) for k in CONV_MMA_KERNELS for p in (True, False)} - {
+        ("_conv_fwd_kernel", False)}, cases
+    for r in mma:
+        assert "USE_TMA" in r.variant.split() and r.tma > 0, r
+    assert not _check_conv(mma), "\n".join(_check_conv(mma))
+
+
+def test_only_plain_gemms_use_tma(conv_rows):
+    """The other conv variants (3×3 here) load through pointers: no descriptor, no TMA."""
+    for r in conv_rows:
+        assert r.tma == 0 and "USE_TMA" not in r.variant.split(), r
+
+
+def test_capture_gives_sm80_the_pointer_path(monkeypatch):
+    """GPU-faithful capture models an H100; an A100 (sm_80) has no TMA, so its specialisations of
+    the same 1×1 launches are the pointer path's (captured again with descriptors off)."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import kernel_report
+
+    from fastres.triton import conv
+    if conv.TensorDescriptor is None:
+        pytest.skip("this Triton has no tensor descriptors: the pointer path only")
+    monkeypatch.setattr(conv, "input_precision", conv.input_precision)  # capture patches it
+    specs = kernel_report.capture((90, 80), ("bf16",), {"conv"}, False,
+                                  select=r"^conv (dgrad|wgrad) 1x1 plain 64x64x64 |"
+                                         r"^conv dgrad 1x1 plain dy 64x64x64 ")
+    use_tma = {}
+    for spec in specs:
+        if spec.name in ("_conv_dgrad_kernel", "_conv_wgrad_kernel"):
+            names = getattr(conv, spec.name).arg_names
+            consts = {names[path[0]]: value for path, value in spec.constexprs}
+            use_tma.setdefault((spec.name, spec.arch), set()).add(consts["USE_TMA"])
+    assert use_tma == {("_conv_dgrad_kernel", 90): {True}, ("_conv_dgrad_kernel", 80): {False},
+                       ("_conv_wgrad_kernel", 90): {True}, ("_conv_wgrad_kernel", 80): {False}}

@@ -661,10 +661,10 @@ def _tiny_conv_case(geometry, dtype):
 def test_every_cuda_config_gpu_faithful(kind):
     """Each CUDA configuration, pinned, in GPU-faithful mode (fp32 accumulation, the CUDA branch):
     the stride-2 3×3 layer with prologue, statistics and the statistics' gradient (sub-pixel dgrad)
-    and the 1×1 plain GEMM (tensor descriptors on the forward), fp16."""
+    and the 1×1 plain GEMM (tensor descriptors where Triton has them), fp16."""
     dtype = torch.float16
     for config in tconv.cuda_conv_configs(kind, dtype):
-        for geometry in (["3x3_s2_odd", "1x1_s1_16"] if kind == "fwd" else ["3x3_s2_odd"]):
+        for geometry in ["3x3_s2_odd", "1x1_s1_16"]:
             with gpu_faithful(), tconv.pinned_config(kind, config):
                 x, w, gamma, beta, conv_args = _tiny_conv_case(geometry, dtype)
                 if kind == "fwd":
@@ -704,7 +704,7 @@ def test_plain_gemm_forward_paths(faithful, monkeypatch):
     seen = []
     original = tconv.use_tensor_descriptors
     monkeypatch.setattr(tconv, "use_tensor_descriptors",
-                        lambda x, w: seen.append(original(x, w)) or seen[-1])
+                        lambda *ts: seen.append(original(*ts)) or seen[-1])
     with gpu_faithful(faithful):
         x, w, gamma, beta, conv_args = make("1x1_s1_16", torch.float32)
         ref = eager_bn_act_conv(x.double(), w.double(), gamma.double(), beta.double(), conv_args,
@@ -716,3 +716,91 @@ def test_plain_gemm_forward_paths(faithful, monkeypatch):
     for name, f, e, r in zip(("y", "mean", "var"), fused, eager, ref):
         # conv, then per-channel statistics: a composition (whole vectors)
         assert_rule(name, f, e, r, torch.float32, per_channel=False)
+
+
+def _plain_gemm_case(dtype, n=2, hw=5, C=56, K=40, seed=3):
+    """A 1×1 stride-1 layer's operands, NHWC, with both prologues' inputs: M = 50 pixels, C = 56
+    and K = 40 channels — two tiles of the interpreter's 32×32×16 config along every output
+    dimension, and no dimension a multiple of its tile (each GEMM's last tiles, reduction
+    included, are read past the matrix end)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape, s=1.0: (torch.randn(*shape, generator=g) * s)  # noqa: E731
+    return dict(x=r(n, hw, hw, C).to(dtype), w=(r(K, 1, 1, C) / C ** 0.5).to(dtype),
+                dy=r(n, hw, hw, K).to(dtype), y=r(n, hw, hw, K).to(dtype),
+                scale=r(C).abs() + 0.5, shift=r(C, s=0.5), y_mean=r(K, s=0.1), alpha=r(K, s=0.1),
+                beta=r(K, s=0.1))
+
+
+def _run_plain_gemm(kind, t, prologues, split=None):
+    plain = ((1, 1), (0, 0), (1, 1))
+    x, scale, shift = (t["x"], t["scale"], t["shift"]) if prologues else (None, None, None)
+    dy_stats = (t["y"], t["y_mean"], t["alpha"], t["beta"]) if prologues else None
+    if kind == "fwd":
+        return tconv.conv_fwd(t["x"], t["w"], scale, shift, *plain, True)
+    if kind == "dgrad":
+        return tconv.conv_dgrad(t["dy"], t["w"], t["x"].shape[1:3], *plain, x, scale, shift,
+                                dy_stats=dy_stats)
+    return (tconv.conv_wgrad(t["dy"], t["x"], (1, 1), *plain, scale, shift, split=split,
+                             dy_stats=dy_stats),)
+
+
+@pytest.mark.skipif(tconv.TensorDescriptor is None, reason="this Triton has no tensor descriptors")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("prologues", [True, False], ids=["prologues", "bare"])
+@pytest.mark.parametrize("kind,split", [("fwd", None), ("dgrad", None), ("wgrad", None),
+                                        ("wgrad", 3)], ids=["fwd", "dgrad", "wgrad", "wgrad-split3"])
+def test_plain_gemm_descriptors_bitwise_equal_pointers(kind, split, prologues, dtype, monkeypatch,
+                                                       dot_counter):
+    """1×1 stride-1 fwd / dgrad / wgrad in GPU-faithful mode, with both prologues (BN-apply + ReLU
+    of x, the statistics' gradient folded into dy) and without: the descriptor (TMA) path and the
+    pointer path return bit-identical results — same tiles, zero fill past the edges, the
+    transforms in registers after the load. wgrad split 3 ways: a split's tiles end at its
+    boundary (no mask hides a tile that crosses it when there is no prologue; one split is
+    empty). Every MMA's operand tiles (and the saved y of dy_stats) come through descriptors."""
+    from triton.runtime import interpreter
+
+    t = _plain_gemm_case(dtype)
+    seen, loads = [], []
+    original = tconv.use_tensor_descriptors
+    monkeypatch.setattr(tconv, "use_tensor_descriptors",
+                        lambda *ts: seen.append(original(*ts)) or seen[-1])
+    load = interpreter.InterpreterBuilder.create_descriptor_load
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_descriptor_load",
+                        lambda self, *a, **k: loads.append(1) or load(self, *a, **k))
+    with gpu_faithful():
+        descriptors = _run_plain_gemm(kind, t, prologues, split)
+    assert seen == [True]
+    tiles_per_dot = 2 + (prologues and kind != "fwd")  # a, b [and y]
+    assert dot_counter and len(loads) == tiles_per_dot * len(dot_counter)
+    monkeypatch.setattr(tconv, "use_tensor_descriptors", lambda *ts: False)
+    del loads[:], dot_counter[:]
+    with gpu_faithful():
+        pointers = _run_plain_gemm(kind, t, prologues, split)
+    assert dot_counter and not loads
+    for a, b in zip(descriptors, pointers):
+        if a is None:  # dgrad without the prologue: no partial sums
+            assert b is None
+            continue
+        assert a.dtype == b.dtype and torch.equal(a, b), (a - b).abs().max()
+    if kind == "dgrad" and prologues:  # and the pointer path is right: dx against eager's conv
+        dx = descriptors[0].permute(0, 3, 1, 2).double()
+        dy_eff = t["dy"].double() + (t["alpha"] + t["beta"] * (t["y"].double() - t["y_mean"]))
+        da = F.conv2d(dy_eff.to(dtype).double().permute(0, 3, 1, 2),
+                      t["w"].double().permute(3, 0, 1, 2))
+        z = (t["x"].double() * t["scale"] + t["shift"]).to(dtype).permute(0, 3, 1, 2)
+        expected = torch.where(z > 0, da, 0.0) * t["scale"].double()[None, :, None, None]
+        torch.testing.assert_close(dx, expected, rtol=2e-3, atol=2e-3)
+
+
+def test_use_tensor_descriptors_needs_aligned_rows():
+    """TMA needs 16-byte aligned bases and row strides: anything else takes the pointer path."""
+    aligned = torch.empty(2, 4, 4, 8, dtype=torch.float16)  # 16-byte rows
+    odd_rows = torch.empty(2, 4, 4, 3)  # 12-byte rows
+    odd_base = torch.empty(2 * 4 * 4 * 8 + 4, dtype=torch.float16)[4:].view(2, 4, 4, 8)  # +8 B
+    with gpu_faithful():
+        assert tconv.use_tensor_descriptors(aligned, aligned) == (tconv.TensorDescriptor
+                                                                  is not None)
+        assert not tconv.use_tensor_descriptors(aligned, odd_rows)
+        assert not tconv.use_tensor_descriptors(odd_base, aligned)
+    with gpu_faithful(False):  # the CPU's own path (no CUDA class): no TMA
+        assert not tconv.use_tensor_descriptors(aligned, aligned)

@@ -28,11 +28,16 @@ How the specialisation is obtained (not duplicated by hand):
             (227 KB sm_90, 163 KB sm_80)
    mma      wgmma (Hopper warpgroup MMA), mma.sync (Ampere-style), or none — from the PTX
    async    cp.async copies (global → shared pipelining) in the PTX: count
-   tma      cp.async.bulk.tensor (TMA) in the PTX: count
+   tma      cp.async.bulk.tensor (TMA) in the PTX: count. The 1×1 stride-1 conv variants (plain
+            GEMMs) load through tensor descriptors where Triton has them (``USE_TMA`` in the
+            variant, tma > 0); every other variant loads through pointers (tma 0)
    ld / st  widths in bits of the global loads / stores in the PTX (ld.global.v4.b32 = 128)
 
-One GPU-only choice cannot be made under the interpreter and is applied at capture:
-``conv.input_precision`` answers as on a CUDA device (tf32 for fp32 when cuDNN allows TF32).
+Two GPU-only choices cannot be made under the interpreter and are applied at capture:
+``conv.input_precision`` answers as on a CUDA device (tf32 for fp32 when cuDNN allows TF32), and
+``conv.use_tensor_descriptors`` as on the target arch: GPU-faithful mode models an H100, so sm_90
+gets the descriptor (TMA) variants of the 1×1 stride-1 convs; for sm_80 the scenarios that used
+descriptors are captured again with them off (the pointer path an A100 takes).
 """
 from __future__ import annotations
 
@@ -114,7 +119,7 @@ def _all_scenarios(dtype_name: str, only: set, quick: bool, layouts=LAYOUTS):
             module = fastres.BatchNormAct2d(shape[1])
             module.mask_from_output = mask_from_output  # backward's mask from the saved output
             memory_format = cl if layout == "nhwc" else torch.contiguous_format
-            x = torch.empty(shape, dtype=dtype).to(memory_format=memory_format).requires_grad_()
+            x = torch.empty(shape, dtype=dtype, memory_format=memory_format).requires_grad_()
             res = torch.empty_like(x).requires_grad_() if residual else None
             y = module(x, res) if residual else module(x)
             y.backward(torch.empty_like(y))
@@ -139,21 +144,21 @@ def _all_scenarios(dtype_name: str, only: set, quick: bool, layouts=LAYOUTS):
 
         def run():
             ops = torch.ops.fastres
-            x = torch.empty((n, c, h, w), dtype=dtype).to(memory_format=cl)
-            wt = torch.empty((k, c, r, r), dtype=dtype).to(memory_format=cl)
+            x = torch.empty((n, c, h, w), dtype=dtype, memory_format=cl)  # no copy
+            wt = torch.empty((k, c, r, r), dtype=dtype, memory_format=cl)
             scale = torch.empty(c) if prologue else None
             shift = torch.empty(c) if prologue else None
             args = ([s, s], [p, p], [1, 1], 1)
             if kind == "fwd" and eval_epilogue:
                 ho = (h + 2 * p - r) // s + 1
-                res = torch.empty((n, k, ho, (w + 2 * p - r) // s + 1), dtype=dtype).to(
-                    memory_format=cl)
+                res = torch.empty((n, k, ho, (w + 2 * p - r) // s + 1), dtype=dtype,
+                                  memory_format=cl)
                 ops.conv_bias_act(x, wt, torch.empty(k), res, *args[:3], 1, True)
             elif kind == "fwd":
                 ops.norm_conv_fwd(x, wt, scale, shift, *args, stats)
             else:
                 ho, wo = (h + 2 * p - r) // s + 1, (w + 2 * p - r) // s + 1
-                dy = torch.empty((n, k, ho, wo), dtype=dtype).to(memory_format=cl)
+                dy = torch.empty((n, k, ho, wo), dtype=dtype, memory_format=cl)
                 extra = (torch.empty_like(dy), torch.empty(k), torch.empty(k), torch.empty(k)) \
                     if dy_prologue else (None, None, None, None)
                 op = ops.norm_conv_dgrad if kind == "dgrad" else ops.norm_conv_wgrad
@@ -173,9 +178,11 @@ def _all_scenarios(dtype_name: str, only: set, quick: bool, layouts=LAYOUTS):
                                                              eval_epilogue=True))],
             "dgrad": [("3x3 prologue+dy", CONV_3X3, dict(prologue=True)),
                       ("1x1 plain prologue+dy", CONV_1X1, dict(prologue=True)),
+                      ("1x1 plain dy", CONV_1X1, dict(prologue=False)),
                       ("3x3/2 prologue+dy", CONV_3X3_S2, dict(prologue=True)),
                       ("3x3 plain", CONV_3X3, dict(prologue=False, dy_prologue=False))],
             "wgrad": [("3x3 prologue+dy", CONV_3X3, dict(prologue=True)),
+                      ("1x1 plain prologue+dy", CONV_1X1, dict(prologue=True)),
                       ("1x1 plain", CONV_1X1, dict(prologue=False, dy_prologue=False))],
         }
         for kind, cases in variants.items():
@@ -240,17 +247,48 @@ def capture(archs: Iterable[int], dtypes: Iterable[str], only: set, quick: bool,
             return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
         conv.input_precision = cuda_input_precision
 
+    # GPU-faithful mode models an H100: the plain-GEMM launches pass tensor descriptors (TMA). An
+    # arch without TMA gets what its launcher passes there: the pointer path (a scenario that used
+    # descriptors runs again with them off).
+    tma_archs = [a for a in archs if a >= TMA_MIN_ARCH]
+    pointer_archs = [a for a in archs if a < TMA_MIN_ARCH]
+
+    def uses_descriptors(records):
+        desc = getattr(sys.modules.get("fastres.triton.conv"), "TensorDescriptor", None)
+        return desc is not None and any(isinstance(v, desc) for r in records
+                                        for v in r.args.values())
+
     specs: dict = {}
     with fastres.use_backend("triton"), gpu_faithful():
         for dtype in dtypes:
             for label, run in _scenarios(dtype, only, quick, select, layouts):
                 with capture_launches() as records:
                     run()
-                for record in records:
-                    for arch in archs:
-                        spec = _specialise(record, arch, dtype, label)
-                        specs.setdefault(spec.key(), spec)
+                groups = [(records, tma_archs + pointer_archs)]
+                if pointer_archs and uses_descriptors(records):
+                    with _descriptors_off(), capture_launches() as pointer_records:
+                        run()
+                    groups = [(records, tma_archs), (pointer_records, pointer_archs)]
+                for group_records, group_archs in groups:
+                    for record in group_records:
+                        for arch in group_archs:
+                            spec = _specialise(record, arch, dtype, label)
+                            specs.setdefault(spec.key(), spec)
     return list(specs.values())
+
+
+TMA_MIN_ARCH = 90  # tensor descriptors lower to TMA from Hopper on; conv.use_tensor_descriptors
+
+
+@contextlib.contextmanager
+def _descriptors_off():
+    from fastres.triton import conv
+    saved = conv.use_tensor_descriptors
+    conv.use_tensor_descriptors = lambda *operands: False
+    try:
+        yield
+    finally:
+        conv.use_tensor_descriptors = saved
 
 
 def capture_in_subprocess(archs, dtypes, only, quick, select=None, layouts=LAYOUTS) -> list[Spec]:
@@ -456,6 +494,11 @@ def main(argv=None) -> int:
     spills = [r for r in rows if r.spill and not r.over_smem]
     print(f"# {len(rows)} compiles; over the shared-memory limit: {len(over)}; "
           f"spilling (within the limit): {len(spills)}")
+    conv_mma = [r for r in rows if r.mma != "none" and r.kernel.startswith("_conv_")]
+    if conv_mma:
+        tma = [r for r in conv_mma if r.tma]
+        print(f"# conv MMA compiles loading through TMA (USE_TMA: 1x1 stride-1 plain GEMMs): "
+              f"{len(tma)} of {len(conv_mma)}; the others load through pointers")
     return 0
 
 

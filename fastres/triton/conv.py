@@ -18,8 +18,6 @@ Kernels (one launcher each):
                           tree, chunks Chan-merged in fixed order) — deterministic. Accumulated in
                           ACC = ``compute_dtype``: fp32 on CUDA (and GPU-faithful CPU runs), fp64
                           on CPU, as ATen's BN on that device; returned as fp32.
-                1×1 stride-1 layers (plain GEMMs) load x and w through tensor descriptors (TMA)
-                on sm_90+ when Triton has them (``use_tensor_descriptors``), else pointers.
     conv_dgrad  dx[n,h,w,c] = Σ_{r,s,k} dy[n,p,q,k] · w[k,r,s,c] over taps with h = p·σ−π+r·δ;
                 sub-pixel decomposition: one grid slice per phase (h mod σ, w mod σ), each looping
                 over only the taps that hit that phase (no MMA on masked taps; a 3×3 stride-2
@@ -34,6 +32,14 @@ Kernels (one launcher each):
                 fixed order (no atomics).
     dgrad and wgrad also fold the gradient that reaches y through its own batch statistics into
     dy while loading it (``dy_stats``): dy_eff = dy + dmean/M + (2·dvar/M)·(y − mean).
+
+1×1 stride-1 layers (plain GEMMs, two thirds of ResNet-50's convs) load their operand tiles
+through tensor descriptors (TMA) on sm_90+ when Triton has them and the rows are 16-byte aligned
+(``use_tensor_descriptors``: one decision per launch, ``USE_TMA`` per kernel), else through
+pointers: fwd x [M, C] and w [K, C]; dgrad dy [M, K], w [K, C] and the saved y of ``dy_stats``;
+wgrad dy [M, K], x [M, C] and y. The prologues (BN-apply + ReLU of x, ``dy_stats``) run in
+registers after the load, the same arithmetic on the same values as the pointer path: the two
+paths' results are bit-identical (tests/test_norm_conv.py, under the interpreter).
 
 groups = 1 only; the op layer falls back to eager conv otherwise.
 
@@ -124,7 +130,7 @@ def cuda_conv_configs(kind: str, dtype: torch.dtype = None) -> list:
     and wgrad 128×128×64 / 128×64×64). Unmeasured: no session has had a GPU yet, so the list is a
     starting point, not a tuned result."""
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
-                             num_stages=s, pre_hook=_set_descriptor_blocks)
+                             num_stages=s, pre_hook=_descriptor_blocks(kind))
                for m, n, k, w, s in _CUDA_SHAPES[kind]]
     if dtype is not None:
         size = torch.empty((), dtype=dtype).element_size()
@@ -140,7 +146,7 @@ def conv_configs(kind: str) -> list:
     ``pinned_config``."""
     if _interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4,
-                              num_stages=1, pre_hook=_set_descriptor_blocks)]
+                              num_stages=1, pre_hook=_descriptor_blocks(kind))]
     return cuda_conv_configs(kind)
 
 
@@ -216,7 +222,9 @@ _NO_SPECIALIZE = ["N", "H", "W_in", "P", "Q", "pad_h", "pad_w", "dil_h", "dil_w"
 
 
 # --------------------------------------------------------------------------------------------------
-# Tensor descriptors (TMA on Hopper) for the plain-GEMM forward: 1×1, stride 1, no padding.
+# Tensor descriptors (TMA on Hopper) for the plain GEMMs: 1×1, stride 1, no padding. Every operand
+# is then a dense row-major 2-D matrix ([pixels, channels] activations, [K, C] weights); a
+# descriptor load of a tile past its edge reads 0, as the pointer path's masked load does.
 
 
 try:
@@ -225,26 +233,51 @@ except ImportError:  # triton without host-side tensor descriptors: the pointer 
     TensorDescriptor = None
 
 
-def _set_descriptor_blocks(nargs):
-    """Config pre-hook: the descriptors' block shapes are the config's tiles."""
-    if TensorDescriptor is not None and isinstance(nargs.get("X_DESC"), TensorDescriptor):
-        nargs["X_DESC"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
-        nargs["W_DESC"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+# Each kernel's descriptors and their block shapes (as config keys): the tile the main loop loads.
+# wgrad reads dy and x as [pixels, channels] tiles of the reduction: dy's tile is transposed in
+# registers (the GEMM's rows are dy's channels).
+DESCRIPTOR_BLOCKS = {
+    "fwd": {"X_DESC": ("BLOCK_M", "BLOCK_K"), "W_DESC": ("BLOCK_N", "BLOCK_K")},
+    "dgrad": {"DY_DESC": ("BLOCK_M", "BLOCK_K"), "Y_DESC": ("BLOCK_M", "BLOCK_K"),
+              "W_DESC": ("BLOCK_K", "BLOCK_N")},
+    "wgrad": {"DY_DESC": ("BLOCK_K", "BLOCK_M"), "Y_DESC": ("BLOCK_K", "BLOCK_M"),
+              "X_DESC": ("BLOCK_K", "BLOCK_N")},
+}
 
 
-def use_tensor_descriptors(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """The plain-GEMM forward loads through tensor descriptors when Triton has them and the device
-    has TMA (sm_90+; GPU-faithful CPU runs model an H100), and the rows are 16-byte aligned."""
+def _descriptor_blocks(kind: str):
+    """Config pre-hook of one kernel kind: its descriptors' block shapes are the config's tiles."""
+    blocks = DESCRIPTOR_BLOCKS[kind]
+
+    def set_blocks(nargs):
+        for name, keys in blocks.items():
+            desc = nargs.get(name)
+            if TensorDescriptor is not None and isinstance(desc, TensorDescriptor):
+                desc.block_shape = [nargs[key] for key in keys]
+    return set_blocks
+
+
+def use_tensor_descriptors(*operands: torch.Tensor) -> bool:
+    """A plain-GEMM launch loads its operands (dense tensors whose last dimension is the matrix
+    row) through tensor descriptors when Triton has them and the device has TMA (sm_90+;
+    GPU-faithful CPU runs model an H100), and every operand's base and row stride are 16-byte
+    aligned (TMA's requirement; a 64-channel fp16 row is 128 B, a 3-channel one is not)."""
     if TensorDescriptor is None or not hasattr(tl, "make_tensor_descriptor"):
         return False
-    if x.is_cuda:
-        if torch.cuda.get_device_capability(x.device)[0] < 9:
+    first = operands[0]
+    if first.is_cuda:
+        if torch.cuda.get_device_capability(first.device)[0] < 9:
             return False
-    elif not (cuda_class(x.device) and _interpreting()):
+    elif not (cuda_class(first.device) and _interpreting()):
         return False
-    C = x.shape[-1]
-    return ((C * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0
-            and w.data_ptr() % 16 == 0)
+    return all((t.shape[-1] * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in operands)
+
+
+def _matrix_descriptor(t: torch.Tensor):
+    """A descriptor of dense ``t`` viewed as [rows, t.shape[-1]]; the block shape is set per config
+    by the kernel's pre-hook (``_descriptor_blocks``)."""
+    return TensorDescriptor.from_tensor(t.view(-1, t.shape[-1]), [16, 16])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,9 +471,7 @@ def conv_fwd(x, w, scale, shift, stride, padding, dilation, collect_stats, bias=
     plain = R == 1 and S == 1 and (sh, sw, ph, pw) == (1, 1, 0, 0)
     x_desc = w_desc = None
     if plain and use_tensor_descriptors(x, w):
-        # Block shapes are set per config by the pre-hook (_set_descriptor_blocks).
-        x_desc = TensorDescriptor.from_tensor(x.view(M, C), [16, 16])
-        w_desc = TensorDescriptor.from_tensor(w.view(K, C), [16, 16])
+        x_desc, w_desc = _matrix_descriptor(x), _matrix_descriptor(w)  # [M, C], [K, C]
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),  # noqa: E731
                          triton.cdiv(K, meta["BLOCK_N"]))
     _conv_fwd_kernel[grid](
@@ -467,9 +498,11 @@ def conv_fwd(x, w, scale, shift, stride, padding, dilation, collect_stats, bias=
 
 
 @triton.jit
-def _dy_with_stats_grad(dy, y_ptrs, mask, Y_MEAN, DY_ALPHA, DY_BETA, k, k_ok,
+def _dy_with_stats_grad(dy, y, mask, Y_MEAN, DY_ALPHA, DY_BETA, k, k_ok,
                         CHANNEL_AXIS: tl.constexpr):
-    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    """dy_eff of a dy tile given the saved y tile (both loaded by the caller, through pointers or
+    a descriptor: 0 outside the tensor); ``mask`` zeroes what lies outside the problem."""
+    y = y.to(tl.float32)
     mean = tl.load(Y_MEAN + k, mask=k_ok, other=0.0)
     alpha = tl.load(DY_ALPHA + k, mask=k_ok, other=0.0)
     beta = tl.load(DY_BETA + k, mask=k_ok, other=0.0)
@@ -495,15 +528,17 @@ def _first_tap(base, dil, stride, R: tl.constexpr):
 
 @triton.autotune(configs=conv_configs("dgrad"),
                  key=["C", "K", "R", "S", "stride_h", "stride_w", "HAS_PROLOGUE", "PLAIN_GEMM",
-                      "HAS_DY_PROLOGUE"],
+                      "USE_TMA", "HAS_DY_PROLOGUE"],
                  prune_configs_by={"early_config_prune": _early_prune("dgrad")})
 @triton.jit(do_not_specialize=_NO_SPECIALIZE + ["tap_step_h", "tap_step_w"])
 def _conv_dgrad_kernel(
     DY, W, DX, X, SCALE, SHIFT, TILE_SUM, TILE_SUM_X, Y, Y_MEAN, DY_ALPHA, DY_BETA,
+    DY_DESC, W_DESC, Y_DESC,
     N, H, W_in, C, P, Q, K,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, tap_step_h, tap_step_w,
     R: tl.constexpr, S: tl.constexpr,
-    HAS_PROLOGUE: tl.constexpr, PLAIN_GEMM: tl.constexpr, HAS_DY_PROLOGUE: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr, PLAIN_GEMM: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_DY_PROLOGUE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -539,7 +574,8 @@ def _conv_dgrad_kernel(
     num_k_blocks = tl.cdiv(K, BLOCK_K)
     for t in range(0, taps * num_k_blocks):  # flat over (tap, channel block), as in the forward
         tap = t // num_k_blocks
-        k = (t - tap * num_k_blocks) * BLOCK_K + offs_k
+        k0 = (t - tap * num_k_blocks) * BLOCK_K
+        k = k0 + offs_k
         tap_h = tap // taps_w
         r = r0 + tap_h * tap_step_h
         s = s0 + (tap - tap_h * taps_w) * tap_step_w
@@ -556,12 +592,19 @@ def _conv_dgrad_kernel(
             dy_rows = ((img * P + p) * Q + q) * K
         k_ok = k < K
         dy_mask = pix_ok[:, None] & k_ok[None, :]
-        a = tl.load(DY + dy_rows[:, None] + k[None, :], mask=dy_mask, other=0.0)
+        if USE_TMA:  # plain GEMM: dy and y are [M, K], w is [K, C]; out-of-range elements read 0
+            a = DY_DESC.load([pid_m * BLOCK_M, k0])
+            b = W_DESC.load([k0, pid_n * BLOCK_N])
+        else:
+            a = tl.load(DY + dy_rows[:, None] + k[None, :], mask=dy_mask, other=0.0)
+            b = tl.load(W + k.to(tl.int64)[:, None] * (R * S * C) + (r * S + s) * C
+                        + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if HAS_DY_PROLOGUE:
-            a = _dy_with_stats_grad(a, Y + dy_rows[:, None] + k[None, :], dy_mask,
-                                    Y_MEAN, DY_ALPHA, DY_BETA, k, k_ok, 1)
-        b = tl.load(W + k.to(tl.int64)[:, None] * (R * S * C) + (r * S + s) * C + offs_n[None, :],
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if USE_TMA:
+                y = Y_DESC.load([pid_m * BLOCK_M, k0])
+            else:
+                y = tl.load(Y + dy_rows[:, None] + k[None, :], mask=dy_mask, other=0.0)
+            a = _dy_with_stats_grad(a, y, dy_mask, Y_MEAN, DY_ALPHA, DY_BETA, k, k_ok, 1)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     out_mask = m_ok[:, None] & n_ok[None, :]
     out_rows = (img * H + h) * W_in + w
@@ -618,12 +661,17 @@ def conv_dgrad(dy, w, input_hw, stride, padding, dilation, x=None, scale=None, s
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),  # noqa: E731
                          triton.cdiv(C, meta["BLOCK_N"]), phases)
     y, y_mean, alpha, beta = dy_stats if dy_stats is not None else (dy, dy, dy, dy)
+    dy_desc = w_desc = y_desc = None
+    if plain and use_tensor_descriptors(dy, w, y):
+        dy_desc, w_desc = _matrix_descriptor(dy), _matrix_descriptor(w)  # [M, K], [K, C]
+        y_desc = _matrix_descriptor(y) if dy_stats is not None else None
     _conv_dgrad_kernel[grid](
         dy, w, dx, x if has_prologue else dy, scale if has_prologue else dy,
         shift if has_prologue else dy, tile_sum, tile_sum_x, y, y_mean, alpha, beta,
+        dy_desc, w_desc, y_desc,
         N, H, W_in, C, P, Q, K, sh, sw, ph, pw, dh, dw,
         sh // math.gcd(sh, dh), sw // math.gcd(sw, dw),
-        R=R, S=S, HAS_PROLOGUE=has_prologue, PLAIN_GEMM=plain,
+        R=R, S=S, HAS_PROLOGUE=has_prologue, PLAIN_GEMM=plain, USE_TMA=dy_desc is not None,
         HAS_DY_PROLOGUE=dy_stats is not None,
         INPUT_PRECISION=input_precision(dy.dtype), ACC=_TL_ACC[acc])
     if not has_prologue:
@@ -638,15 +686,17 @@ def conv_dgrad(dy, w, input_hw, stride, padding, dilation, x=None, scale=None, s
 
 
 @triton.autotune(configs=conv_configs("wgrad"),
-                 key=["C", "K", "R", "S", "stride_h", "HAS_PROLOGUE", "SPLIT", "HAS_DY_PROLOGUE"],
+                 key=["C", "K", "R", "S", "stride_h", "HAS_PROLOGUE", "SPLIT", "USE_TMA",
+                      "HAS_DY_PROLOGUE"],
                  prune_configs_by={"early_config_prune": _early_prune("wgrad")})
 @triton.jit(do_not_specialize=_NO_SPECIALIZE + ["SPLIT"])
 def _conv_wgrad_kernel(
-    DY, X, DW_PART, SCALE, SHIFT, Y, Y_MEAN, DY_ALPHA, DY_BETA,
+    DY, X, DW_PART, SCALE, SHIFT, Y, Y_MEAN, DY_ALPHA, DY_BETA, DY_DESC, X_DESC, Y_DESC,
     N, H, W_in, C, P, Q, K,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, SPLIT,
     R: tl.constexpr, S: tl.constexpr,
-    HAS_PROLOGUE: tl.constexpr, HAS_DY_PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr, USE_TMA: tl.constexpr, HAS_DY_PROLOGUE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # GEMM view per tap (r, s): rows = output channels K, columns = input channels C,
@@ -659,7 +709,8 @@ def _conv_wgrad_kernel(
     r = rs // S
     s = rs % S
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = (pid_ncrs % num_c_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = (pid_ncrs % num_c_blocks) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < K
     n_ok = offs_n < C
@@ -667,6 +718,8 @@ def _conv_wgrad_kernel(
         scale = tl.load(SCALE + offs_n, mask=n_ok, other=0.0)
         shift = tl.load(SHIFT + offs_n, mask=n_ok, other=0.0)
     total = N * P * Q
+    # A split's range is a whole number of BLOCK_K tiles, so a tile crosses no split boundary, only
+    # the matrix's end (where a descriptor load reads 0, as the masked pointer load does).
     per_split = tl.cdiv(tl.cdiv(total, BLOCK_K), SPLIT) * BLOCK_K
     start = pid_split * per_split
     end = tl.minimum(start + per_split, total)
@@ -681,13 +734,21 @@ def _conv_wgrad_kernel(
         x_ok = pix_in & (h >= 0) & (h < H) & (w >= 0) & (w < W_in)
         dy_offs = pix.to(tl.int64)[None, :] * K + offs_m[:, None]
         dy_mask = pix_in[None, :] & m_ok[:, None]
-        dy_t = tl.load(DY + dy_offs, mask=dy_mask, other=0.0)
-        if HAS_DY_PROLOGUE:
-            dy_t = _dy_with_stats_grad(dy_t, Y + dy_offs, dy_mask, Y_MEAN, DY_ALPHA, DY_BETA,
-                                       offs_m, m_ok, 0)
         x_mask = x_ok[:, None] & n_ok[None, :]
-        a = tl.load(X + ((img * H + h) * W_in + w)[:, None] * C + offs_n[None, :], mask=x_mask,
-                    other=0.0)
+        if USE_TMA:  # plain GEMM: dy and y are [pixels, K], x is [pixels, C]; outside reads 0
+            dy_t = tl.trans(DY_DESC.load([pix0, pid_m * BLOCK_M]))
+            a = X_DESC.load([pix0, n0])
+        else:
+            dy_t = tl.load(DY + dy_offs, mask=dy_mask, other=0.0)
+            a = tl.load(X + ((img * H + h) * W_in + w)[:, None] * C + offs_n[None, :],
+                        mask=x_mask, other=0.0)
+        if HAS_DY_PROLOGUE:
+            if USE_TMA:
+                y_t = tl.trans(Y_DESC.load([pix0, pid_m * BLOCK_M]))
+            else:
+                y_t = tl.load(Y + dy_offs, mask=dy_mask, other=0.0)
+            dy_t = _dy_with_stats_grad(dy_t, y_t, dy_mask, Y_MEAN, DY_ALPHA, DY_BETA,
+                                       offs_m, m_ok, 0)
         if HAS_PROLOGUE:
             z = a.to(tl.float32) * scale[None, :] + shift[None, :]
             z = tl.where(z < 0.0, 0.0, z)
@@ -718,11 +779,17 @@ def conv_wgrad(dy, x, kernel_rs, stride, padding, dilation, scale=None, shift=No
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_M"]),  # noqa: E731
                          triton.cdiv(C, meta["BLOCK_N"]) * R * S, split)
     y, y_mean, alpha, beta = dy_stats if dy_stats is not None else (dy, dy, dy, dy)
+    plain = R == 1 and S == 1 and (sh, sw, ph, pw) == (1, 1, 0, 0)
+    dy_desc = x_desc = y_desc = None
+    if plain and use_tensor_descriptors(dy, x, y):
+        dy_desc, x_desc = _matrix_descriptor(dy), _matrix_descriptor(x)  # [pixels, K], [pixels, C]
+        y_desc = _matrix_descriptor(y) if dy_stats is not None else None
     _conv_wgrad_kernel[grid](
         dy, x, part, scale if has_prologue else x, shift if has_prologue else x,
-        y, y_mean, alpha, beta,
+        y, y_mean, alpha, beta, dy_desc, x_desc, y_desc,
         N, H, W_in, C, P, Q, K, sh, sw, ph, pw, dh, dw, split,
-        R=R, S=S, HAS_PROLOGUE=has_prologue, HAS_DY_PROLOGUE=dy_stats is not None,
+        R=R, S=S, HAS_PROLOGUE=has_prologue, USE_TMA=dy_desc is not None,
+        HAS_DY_PROLOGUE=dy_stats is not None,
         INPUT_PRECISION=input_precision(dy.dtype))
     return part[0] if split == 1 else part.sum(0)
 
