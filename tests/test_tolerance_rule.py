@@ -58,3 +58,46 @@ def test_floor_cannot_be_raised():
     t = torch.ones(3)
     with pytest.raises(AssertionError, match="never loosen"):
         assert_rule(t, t, t.double(), floor_ulps=2)
+
+
+def test_a_wrong_channel_inside_a_model_fails_layer_by_layer(monkeypatch):
+    """In a model, per-channel vectors are held as whole vectors (module_helpers.compare_models,
+    per_channel=False), and a small error on one channel can hide under another channel's larger
+    composition noise. check_layers runs each BN layer again on its own in-model inputs, channel
+    by channel: a dweight 4 ulps off on one channel must fail there."""
+    import torchvision
+
+    import fastres
+    import fastres.ops.batch_norm_act as ops
+    from module_helpers import TEST_BACKEND, compare_models, make_inputs, randomize_bn
+
+    class OneChannelOff:
+        """The selected backend, with dweight[1] of every backward 4 ulps off."""
+
+        def __init__(self, backend):
+            self._backend = backend
+
+        def __getattr__(self, name):
+            return getattr(self._backend, name)
+
+        def backward(self, *args, **kwargs):
+            dx, dres, dweight, dbias = self._backend.backward(*args, **kwargs)
+            if dweight is not None:
+                dweight = dweight.clone()
+                for _ in range(4):  # 4 ulps up
+                    dweight[1] = torch.nextafter(dweight[1], torch.tensor(float("inf")))
+            return dx, dres, dweight, dbias
+
+    torch.manual_seed(0)
+    model = randomize_bn(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3, padding=1, bias=False), torch.nn.BatchNorm2d(6),
+        torch.nn.ReLU(), torchvision.models.resnet.BasicBlock(6, 6)))
+    xs, gs = make_inputs((4, 3, 6, 6), 1, seed=50), make_inputs((4, 6, 6, 6), 1, seed=51)
+    with fastres.use_backend(TEST_BACKEND):
+        compare_models(fastres.convert(model), model, xs, gs, steps=1, what="correct",
+                       per_channel=False)
+        backend_for = ops._backend_for
+        monkeypatch.setattr(ops, "_backend_for", lambda x, op: OneChannelOff(backend_for(x, op)))
+        with pytest.raises(AssertionError, match=r"layer .*channel 1"):
+            compare_models(fastres.convert(model), model, xs, gs, steps=1, what="one channel off",
+                           per_channel=False)
