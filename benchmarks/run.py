@@ -315,12 +315,15 @@ def main(argv=None) -> int:
         # One thread: on a shared CPU, OpenMP threads spinning against other work make timings
         # swing by 1000x; single-threaded figures are stable (and are CPU figures anyway).
         torch.set_num_threads(int(os.environ.get("FASTRES_BENCH_THREADS", "1")))
+        if not H.steady_cpu_allocator():
+            print("note: glibc mallopt unavailable; CPU timings include page faults of freed "
+                  "memory", flush=True)
     if args.tiny:
         timer = H.Timer(device, warmup_ms=5, rep_ms=20, min_reps=3, cpu_budget_s=0.02, cpu_max_reps=3)
     elif args.quick:
         timer = H.Timer(device, warmup_ms=25, rep_ms=100, min_reps=10)
-    elif device.type == "cpu":  # interleaved rounds: up to 1 s per implementation and case mode
-        timer = H.Timer(device, cpu_budget_s=1.0, cpu_max_reps=200)
+    elif device.type == "cpu":  # interleaved rounds: 10 to 200, about 1.5 s per implementation
+        timer = H.Timer(device, cpu_budget_s=1.5, cpu_max_reps=200, cpu_min_reps=10)
     else:
         timer = H.Timer(device, warmup_ms=50, rep_ms=300, min_reps=30)
     results = dict(info, records=[])
