@@ -120,12 +120,15 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum):
 
 
 def _eager_batch_norm_act(input, running_mean, running_var, weight, bias, training: bool,
-                          momentum: float, eps: float, residual, relu: bool) -> Tensor:
+                          momentum: float, eps: float, residual, relu: bool,
+                          direct: bool = True) -> Tensor:
     """Eager's own ops, as torchvision's blocks run them: ``F.batch_norm`` [``+= residual``]
     [``relu_``] — bit-identical to eager, and the same ATen ops. F.batch_norm's own checks (eps,
-    one value per channel) are done by the caller, so ``torch.batch_norm`` is called directly, as
-    F.batch_norm does; tensor subclasses still go through F.batch_norm's __torch_function__."""
-    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+    one value per channel) are done by the caller, so with ``direct`` ``torch.batch_norm`` is
+    called directly, as F.batch_norm does; tensor subclasses still go through F.batch_norm's
+    __torch_function__, and so does a traced call (``direct=False``: the cudnn flag's getter is
+    not traceable, and tracing cost nothing per call anyway)."""
+    if not direct or has_torch_function_variadic(input, running_mean, running_var, weight, bias):
         y = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
                                            training, momentum, eps)
     else:  # (the cudnn flag as F.batch_norm passes it; read without torch.backends' property)
@@ -149,10 +152,18 @@ def _cpu_batch_norm_act(input, running_mean, running_var, weight, bias, training
     here first (input rank and dtype, a lone running_mean or running_var, 2-D weight or bias,
     the residual, one value per channel). When anything raises, ``check_batch_norm_act_args``
     runs to raise fastres's own exception naming the problem; should it find none, the original
-    exception propagates. While compiling (no per-call cost) the full check runs first."""
+    exception propagates. While compiling (no per-call cost) the full check runs first, without
+    the try (and F.batch_norm itself)."""
     if torch.compiler.is_compiling():
         check_batch_norm_act_args(input, running_mean, running_var, weight, bias, training,
                                   residual)
+        eps = _check_eps(eps, training)
+        if momentum is None and num_batches_tracked is not None:
+            momentum = 1.0 / float(num_batches_tracked)
+        else:
+            momentum = float(_check_momentum(momentum))
+        return _eager_batch_norm_act(input, running_mean, running_var, weight, bias, training,
+                                     momentum, eps, residual, relu, direct=False)
     try:
         shape = input.shape
         if (len(shape) != 4 or not input.is_floating_point()
