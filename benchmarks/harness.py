@@ -94,6 +94,18 @@ def git_commit() -> Optional[str]:
         return None
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def env_info(device: torch.device) -> dict:
     try:
         import triton
@@ -106,7 +118,7 @@ def env_info(device: torch.device) -> dict:
         cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
         device_name = f"{name} (sm {cap})"
     else:
-        device_name = f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        device_name = f"cpu: {cpu_model()}, {os.cpu_count()} cores"
     return {
         "device": device_name,
         "torch": torch.__version__,

@@ -293,7 +293,9 @@ def main(argv=None) -> int:
                 f"{'on' if torch.backends.cudnn.benchmark else 'off'} for every implementation; "
                 f"no CUDA graphs; {'--quick' if args.quick else 'full suite'}.")
     if device.type == "cpu":
-        note = ("CPU figures — not GPU performance; " + committed_results_note())
+        threads = int(os.environ.get("FASTRES_BENCH_THREADS", "1"))
+        note = (f"CPU figures ({threads} thread{'s' if threads > 1 else ''}) — not GPU performance; "
+                + committed_results_note())
         print(note, flush=True)
     info = H.env_info(device)
     print(f"device: {info['device']}; torch {info['torch']}; triton {info['triton']}; "
