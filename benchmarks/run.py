@@ -294,7 +294,7 @@ def main(argv=None) -> int:
                 f"no CUDA graphs; {'--quick' if args.quick else 'full suite'}.")
     if device.type == "cpu":
         threads = int(os.environ.get("FASTRES_BENCH_THREADS", "1"))
-        note = (f"CPU figures ({threads} thread{'s' if threads > 1 else ''}) — not GPU performance; "
+        note = (f"CPU figures — not GPU performance ({threads} thread{'s' if threads > 1 else ''}); "
                 + committed_results_note())
         print(note, flush=True)
     info = H.env_info(device)
