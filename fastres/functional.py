@@ -119,51 +119,33 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum):
         running_var.copy_(running_var.to(acc) * (1.0 - momentum) + unbiased * momentum)
 
 
-def _eager_batch_norm_act(input, running_mean, running_var, weight, bias, training: bool,
-                          momentum: float, eps: float, residual, relu: bool,
-                          direct: bool = True) -> Tensor:
-    """Eager's own ops, as torchvision's blocks run them: ``F.batch_norm`` [``+= residual``]
-    [``relu_``] — bit-identical to eager, and the same ATen ops. F.batch_norm's own checks (eps,
-    one value per channel) are done by the caller, so with ``direct`` ``torch.batch_norm`` is
-    called directly, as F.batch_norm does; tensor subclasses still go through F.batch_norm's
-    __torch_function__, and so does a traced call (``direct=False``: the cudnn flag's getter is
-    not traceable, and tracing cost nothing per call anyway)."""
-    if not direct or has_torch_function_variadic(input, running_mean, running_var, weight, bias):
-        y = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
-                                           training, momentum, eps)
-    else:  # (the cudnn flag as F.batch_norm passes it; read without torch.backends' property)
-        y = torch.batch_norm(input, weight, bias, running_mean, running_var, training, momentum,
-                             eps, torch._C._get_cudnn_enabled())
-    # In place on batch_norm's fresh output, as torchvision's blocks do (``out += identity``,
-    # ReLU(inplace=True)): BN's backward does not read its output, and no new tensor is
-    # allocated — fresh large allocations cost page faults on every CPU call.
-    if residual is not None:
-        y += residual
-    return torch.relu_(y) if relu else y
-
-
 def _cpu_batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps,
                         residual, relu: bool, num_batches_tracked) -> Tensor:
-    """batch_norm_act for "auto" on CPU tensors: eager's own ops, checked as the other backends
-    are but at less cost, since eager's op is only a few microseconds at small sizes.
+    """batch_norm_act for "auto" on CPU tensors: eager's own ops, as torchvision's blocks run them
+    — ``F.batch_norm`` [``out += residual``] [``relu_``], bit-identical to eager and the same ATen
+    ops — checked as the other backends are, but at less cost: at small sizes eager's whole op
+    takes a few tens of microseconds, and every attribute read in Python is ~0.1 µs of it.
 
     ATen checks the per-channel vectors itself (count, device, dtype) and raises before it touches
     the running statistics; only what eager's ops would accept and fastres rejects is checked
     here first (input rank and dtype, a lone running_mean or running_var, 2-D weight or bias,
-    the residual, one value per channel). When anything raises, ``check_batch_norm_act_args``
+    the residual, one value per channel), then F.batch_norm's own checks (eps), after which
+    ``torch.batch_norm`` is called directly, as F.batch_norm does (tensor subclasses still go
+    through F.batch_norm's __torch_function__). When anything raises, ``check_batch_norm_act_args``
     runs to raise fastres's own exception naming the problem; should it find none, the original
-    exception propagates. While compiling (no per-call cost) the full check runs first, without
-    the try (and F.batch_norm itself)."""
+    exception propagates. While compiling (tracing costs nothing per call) the full check runs
+    first and F.batch_norm itself is traced (the cudnn flag's getter is not traceable)."""
     if torch.compiler.is_compiling():
         check_batch_norm_act_args(input, running_mean, running_var, weight, bias, training,
                                   residual)
         eps = _check_eps(eps, training)
         if momentum is None and num_batches_tracked is not None:
             momentum = 1.0 / float(num_batches_tracked)
-        else:
-            momentum = float(_check_momentum(momentum))
-        return _eager_batch_norm_act(input, running_mean, running_var, weight, bias, training,
-                                     momentum, eps, residual, relu, direct=False)
+        y = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
+                                           training, float(_check_momentum(momentum)), eps)
+        if residual is not None:
+            y += residual
+        return torch.relu_(y) if relu else y
     try:
         shape = input.shape
         if (len(shape) != 4 or not input.is_floating_point()
@@ -174,13 +156,24 @@ def _cpu_batch_norm_act(input, running_mean, running_var, weight, bias, training
                 or (residual is not None and (residual.shape != shape or residual.dtype != input.dtype
                                               or not residual.is_cpu))):
             raise ValueError("batch_norm_act: invalid arguments")  # named by the full check
-        eps = _check_eps(eps, training)
+        if type(eps) is not float or eps <= 0.0:
+            eps = _check_eps(eps, training)  # F.batch_norm's rule (eps = 0 is fine in eval)
         if momentum is None and num_batches_tracked is not None:
             momentum = 1.0 / float(num_batches_tracked)  # the count is on the CPU: eager reads it
-        else:
+        elif type(momentum) is not float:
             momentum = float(_check_momentum(momentum))
-        return _eager_batch_norm_act(input, running_mean, running_var, weight, bias, training,
-                                     momentum, eps, residual, relu)
+        if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+            y = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
+                                               training, momentum, eps)
+        else:  # (the cudnn flag as F.batch_norm passes it, read without torch.backends' property)
+            y = torch.batch_norm(input, weight, bias, running_mean, running_var, training,
+                                 momentum, eps, torch._C._get_cudnn_enabled())
+        # In place on batch_norm's fresh output, as torchvision's blocks do: BN's backward does
+        # not read its output, and no new tensor is allocated (fresh large allocations cost page
+        # faults on every CPU call).
+        if residual is not None:
+            y += residual
+        return torch.relu_(y) if relu else y
     except Exception:
         check_batch_norm_act_args(input, running_mean, running_var, weight, bias, training,
                                   residual)
