@@ -298,3 +298,21 @@ def test_cpu_timer_interleaves_and_pairs(tmp_path):
     assert group["cases"] == 2 and group["min"] == 0.9 and group["min_case"] == "slow"
     assert group["below_by_median"] == 1 and group["below_by_q3"] == 1
     assert "| op | fastres-auto | float32 | fwd | 2 |" in open(md_path).read()
+
+
+def test_committed_cpu_reference_is_what_the_readme_shows():
+    """benchmarks/README.md's "CPU: fastres auto vs eager" table is the committed run's
+    (benchmarks/results/cpu_reference/vs_eager.json), and that run meets issue 13's threshold."""
+    ref = os.path.join(ROOT, "benchmarks", "results", "cpu_reference")
+    doc = json.loads(open(os.path.join(ref, "vs_eager.json")).read())
+    readme = open(os.path.join(ROOT, "benchmarks", "README.md")).read()
+    assert doc["device"].startswith("cpu") and doc["commit"][:7] in readme
+    assert {(g["level"], g["mode"]) for g in doc["groups"]} == {
+        ("op", "fwd"), ("op", "bwd"), ("op", "fwd+bwd"), ("block", "fwd+bwd"), ("block", "eval")}
+    for g in doc["groups"]:
+        row = (f"| {g['level']} | {g['mode']} | {g['cases']} | {g['geomean']:.3f}x | "
+               f"{g['min']:.3f}x ({g['min_case']}) | [{g['min_iqr'][0]:.3f}, {g['min_iqr'][1]:.3f}] "
+               f"| {g['below_by_median']} | {g['below_by_q3']} |")
+        assert row in readme, row
+        assert g["impl"] == "fastres-auto" and g["below_by_median"] == 0 and g["below_by_q3"] == 0
+    assert all(r["rounds"] >= 10 for r in doc["rows"])
