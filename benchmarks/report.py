@@ -17,8 +17,8 @@ SCHEMA_TOP = ("device", "torch", "triton", "cuda", "commit", "date", "records")
 SCHEMA_RECORD = ("level", "case", "impl", "dtype", "mode", "ms", "gbps", "pct_copy_bw",
                  "images_per_s", "peak_mem_bytes", "times_ms")
 LEVELS = ("op", "block", "model")
-IMPL_ORDER = ("eager", "compile", "fastres-auto", "fastres-triton", "fastres-cuda", "fastres-normconv",
-              "fastres-recompute", "fastres-torch")
+IMPL_ORDER = ("eager", "compile", "fastres-auto", "fastres-triton", "fastres-cuda",
+              "fastres-normconv", "fastres-recompute", "fastres-torch")
 
 
 def validate(results: dict) -> None:
@@ -300,7 +300,8 @@ def vs_eager_groups(rows) -> list:
         worst = min(rs, key=lambda r: r["speedup_median"])
         out.append({"level": level, "impl": impl, "dtype": dtype, "mode": mode, "cases": len(rs),
                     "geomean": round(_geomean(meds), 4), "min": worst["speedup_median"],
-                    "min_case": worst["case"], "min_iqr": [worst["speedup_q1"], worst["speedup_q3"]],
+                    "min_case": worst["case"],
+                    "min_iqr": [worst["speedup_q1"], worst["speedup_q3"]],
                     "below_by_median": sum(m < VS_EAGER_THRESHOLD for m in meds),
                     "below_by_q3": sum(r["speedup_q3"] < VS_EAGER_THRESHOLD for r in rs)})
     return out
@@ -331,10 +332,12 @@ def vs_eager_markdown(info: dict, rows, note: str = "") -> str:
 
 
 def write_vs_eager(info: dict, rows, out_dir: str, note: str = "") -> tuple:
-    """DIR/vs_eager.json ({device, torch, commit, date, threshold, groups, rows}) and vs_eager.md."""
+    """DIR/vs_eager.json ({device, torch, commit, date, threshold, groups, rows}) and
+    DIR/vs_eager.md."""
     doc = {k: info[k] for k in ("device", "torch", "commit", "date")}
     doc.update(threshold=VS_EAGER_THRESHOLD, groups=vs_eager_groups(rows), rows=list(rows))
-    json_path, md_path = os.path.join(out_dir, "vs_eager.json"), os.path.join(out_dir, "vs_eager.md")
+    json_path = os.path.join(out_dir, "vs_eager.json")
+    md_path = os.path.join(out_dir, "vs_eager.md")
     with open(json_path, "w") as f:
         json.dump(doc, f, indent=1)
         f.write("\n")

@@ -294,7 +294,8 @@ def main(argv=None) -> int:
                 f"no CUDA graphs; {'--quick' if args.quick else 'full suite'}.")
     if device.type == "cpu":
         threads = int(os.environ.get("FASTRES_BENCH_THREADS", "1"))
-        note = (f"CPU figures — not GPU performance ({threads} thread{'s' if threads > 1 else ''}); "
+        plural = "s" if threads > 1 else ""
+        note = (f"CPU figures — not GPU performance ({threads} thread{plural}); "
                 + committed_results_note())
         print(note, flush=True)
     info = H.env_info(device)
@@ -383,8 +384,8 @@ def main(argv=None) -> int:
         print("\nspeedup vs eager, paired per round (median over cases' medians; min [q1, q3]):",
               flush=True)
         for g in report.vs_eager_groups(paired):
-            print(f"  {g['level']:5s} {g['impl']:14s} {g['mode']:8s} {g['cases']:3d} cases  geomean "
-                  f"{g['geomean']:.3f}x  min {g['min']:.3f}x [{g['min_iqr'][0]:.3f}, "
+            print(f"  {g['level']:5s} {g['impl']:14s} {g['mode']:8s} {g['cases']:3d} cases  "
+                  f"geomean {g['geomean']:.3f}x  min {g['min']:.3f}x [{g['min_iqr'][0]:.3f}, "
                   f"{g['min_iqr'][1]:.3f}] ({g['min_case']})  below {report.VS_EAGER_THRESHOLD}: "
                   f"{g['below_by_median']} by median, {g['below_by_q3']} by q3", flush=True)
     if device.type == "cpu":

@@ -153,7 +153,8 @@ def _cpu_batch_norm_act(input, running_mean, running_var, weight, bias, training
                 or (weight is not None and weight.dim() != 1)
                 or (bias is not None and bias.dim() != 1)
                 or (training and shape[0] * shape[2] * shape[3] == 1)
-                or (residual is not None and (residual.shape != shape or residual.dtype != input.dtype
+                or (residual is not None and (residual.shape != shape
+                                              or residual.dtype != input.dtype
                                               or not residual.is_cpu))):
             raise ValueError("batch_norm_act: invalid arguments")  # named by the full check
         if type(eps) is not float or eps <= 0.0:

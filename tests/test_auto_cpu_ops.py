@@ -1,12 +1,13 @@
 """"auto" on CPU tensors costs what eager costs: it issues exactly eager's ATen ops.
 
 Issue 13 asks that ``make bench`` on CPU show fastres "auto" at >= 0.95x eager (op and block
-level). Timing is noisy on a shared machine, so the test-time check is on what a timing cannot hide:
-the ATen ops issued — every op, in order, by kind (compute, allocation, view, bookkeeping), counted
-by ``fastres.testing.counting`` — in a training forward, its backward and an eval forward, for the
-module and for whole ResNet blocks, against eager written as torchvision writes it (BatchNorm2d,
-``out += identity``, ``ReLU(inplace=True)``). The remaining difference is Python: the figures are
-in benchmarks/results/cpu_reference/ (benchmarks/README.md, "CPU: fastres auto vs eager").
+level). Timing is noisy on a shared machine, so the test-time check is on what a timing cannot
+hide: the ATen ops issued — every op, in order, by kind (compute, allocation, view, bookkeeping),
+counted by ``fastres.testing.counting`` — in a training forward, its backward and an eval
+forward, for the module and for whole ResNet blocks, against eager written as torchvision writes
+it (BatchNorm2d, ``out += identity``, ``ReLU(inplace=True)``). The remaining difference is Python:
+the figures are in benchmarks/results/cpu_reference/ (benchmarks/README.md, "CPU: fastres auto vs
+eager").
 """
 from __future__ import annotations
 

@@ -311,7 +311,8 @@ def test_committed_cpu_reference_is_what_the_readme_shows():
         ("op", "fwd"), ("op", "bwd"), ("op", "fwd+bwd"), ("block", "fwd+bwd"), ("block", "eval")}
     for g in doc["groups"]:
         row = (f"| {g['level']} | {g['mode']} | {g['cases']} | {g['geomean']:.3f}x | "
-               f"{g['min']:.3f}x ({g['min_case']}) | [{g['min_iqr'][0]:.3f}, {g['min_iqr'][1]:.3f}] "
+               f"{g['min']:.3f}x ({g['min_case']}) | "
+               f"[{g['min_iqr'][0]:.3f}, {g['min_iqr'][1]:.3f}] "
                f"| {g['below_by_median']} | {g['below_by_q3']} |")
         assert row in readme, row
         assert g["impl"] == "fastres-auto" and g["below_by_median"] == 0 and g["below_by_q3"] == 0
