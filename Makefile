@@ -44,7 +44,8 @@ test-gpu: install
 	$(PY) -m pytest tests -m gpu $(PYTEST_ARGS)
 
 # GPU: the full suite into benchmarks/results/ (BENCH_ARGS=--quick for the short one). No GPU: small
-# CPU figures into benchmarks/results/cpu/ (not committed), labelled as such.
+# CPU figures into benchmarks/results/cpu/ (not committed), labelled as such; a committed reference
+# run of them is benchmarks/results/cpu_reference/ (benchmarks/README.md).
 bench: install
 	$(PY) -m benchmarks.run --cpu-if-no-gpu $(BENCH_ARGS)
 

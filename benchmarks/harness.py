@@ -3,11 +3,13 @@
 Implementations:
     "eager"          torch.nn / torch.nn.functional, same dtype and channels_last layout.
     "compile"        torch.compile of the eager model (``mode`` chosen by the runner), no CUDA graphs.
-    "fastres-triton" / "fastres-cuda" / "fastres-torch"
+    "fastres-auto" / "fastres-triton" / "fastres-cuda" / "fastres-torch"
                      the fastres modules (``fastres.convert`` of the eager model, or fastres.ConvBNAct2d /
                      fastres.functional.batch_norm_act) with that fastres backend selected. At block
                      level with the normconv path off (the fused-BN fallback); at model level as
                      shipped (normconv where fastres/tables/normconv_table.json chooses it).
+                     "fastres-auto" is what a user gets by default: on CPU tensors eager's own ATen
+                     ops (the CPU suite's fastres figure), on CUDA the AUTO_TABLE's choice.
     "fastres-normconv"
                      the Triton backend with the normconv path forced on for every eligible block
                      (blocks and models only: ops and ConvBNAct2d have no normconv path).
@@ -57,9 +59,11 @@ from benchmarks.cases import BlockCase, ConvCase, ModelCase, OpCase
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GPU_IMPLS = ("eager", "compile", "fastres-triton", "fastres-cuda", "fastres-normconv",
              "fastres-recompute")
-CPU_IMPLS = ("eager", "fastres-torch")
-ALL_IMPLS = ("eager", "compile", "fastres-triton", "fastres-cuda", "fastres-torch", "fastres-normconv",
-             "fastres-recompute")
+# On CPU, "auto" is the fastres a user runs (eager's own ATen ops); the pure-PyTorch reference
+# ("fastres-torch", fp64, ~10x slower) runs only when asked for (--backends torch).
+CPU_IMPLS = ("eager", "fastres-auto")
+ALL_IMPLS = ("eager", "compile", "fastres-auto", "fastres-triton", "fastres-cuda", "fastres-torch",
+             "fastres-normconv", "fastres-recompute")
 MODES = ("fwd", "bwd", "fwd+bwd", "train_step", "eval")
 RECORD_FIELDS = ("level", "case", "impl", "dtype", "mode", "ms", "gbps", "pct_copy_bw",
                  "images_per_s", "peak_mem_bytes", "times_ms")
@@ -90,6 +94,18 @@ def git_commit() -> Optional[str]:
         return None
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def env_info(device: torch.device) -> dict:
     try:
         import triton
@@ -102,7 +118,7 @@ def env_info(device: torch.device) -> dict:
         cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
         device_name = f"{name} (sm {cap})"
     else:
-        device_name = f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        device_name = f"cpu: {cpu_model()}, {os.cpu_count()} cores"
     return {
         "device": device_name,
         "torch": torch.__version__,
@@ -145,10 +161,12 @@ class Timer:
     """
 
     def __init__(self, device: torch.device, warmup_ms: float = 25, rep_ms: float = 100,
-                 min_reps: int = 10, cpu_budget_s: float = 0.25, cpu_max_reps: int = 30):
+                 min_reps: int = 10, cpu_budget_s: float = 0.25, cpu_max_reps: int = 30,
+                 cpu_min_reps: int = 3):
         self.device = device
         self.warmup_ms, self.rep_ms, self.min_reps = warmup_ms, rep_ms, min_reps
         self.cpu_budget_s, self.cpu_max_reps = cpu_budget_s, cpu_max_reps
+        self.cpu_min_reps = cpu_min_reps
 
     def __call__(self, fn: Callable, grad_to_none=None) -> float:
         return statistics.median(self.measure(fn, grad_to_none))
@@ -192,15 +210,70 @@ class Timer:
         return [s.elapsed_time(e) for s, e in events]
 
     def _cpu(self, fn, grad_to_none):
-        fn()  # warm-up
-        times = []
-        t_end = time.perf_counter() + self.cpu_budget_s
-        while len(times) < 3 or (len(times) < self.cpu_max_reps and time.perf_counter() < t_end):
-            _clear_grads(grad_to_none)
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        return self.measure_interleaved({None: (fn, grad_to_none, contextlib.nullcontext)})[None]
+
+    def measure_interleaved(self, calls: dict) -> dict:
+        """{name: every timed run in ms} for ``calls`` = {name: (fn, grad_to_none, context)}, where
+        ``context()`` is entered around each call (e.g. the implementation's backend) but not timed.
+
+        CPU: the implementations take turns, one call each per round, the order rotating every
+        round, so a load change on a shared machine hits all of them alike; each call's wall time
+        by ``time.perf_counter`` with the garbage collector paused. At least ``cpu_min_reps``
+        rounds, then rounds until ``cpu_max_reps`` or ``cpu_budget_s`` per implementation is spent.
+        CUDA: each implementation in turn by ``measure`` (do_bench flushes L2 and times many runs).
+        """
+        if self.device.type == "cuda":
+            out = {}
+            for name, (fn, grad_to_none, context) in calls.items():
+                with context():
+                    out[name] = self._cuda(fn, grad_to_none)
+            return out
+        names = list(calls)
+        for name in names:  # warm-up
+            fn, _, context = calls[name]
+            with context():
+                fn()
+        times = {name: [] for name in names}
+        t_end = time.perf_counter() + self.cpu_budget_s * len(names)
+        gc.collect()
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            rounds = 0
+            while rounds < self.cpu_min_reps or (rounds < self.cpu_max_reps
+                                                  and time.perf_counter() < t_end):
+                shift = rounds % len(names)
+                for name in names[shift:] + names[:shift]:
+                    fn, grad_to_none, context = calls[name]
+                    with context():
+                        _clear_grads(grad_to_none)
+                        t0 = time.perf_counter()
+                        fn()
+                        times[name].append((time.perf_counter() - t0) * 1e3)
+                rounds += 1
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         return times
+
+
+def steady_cpu_allocator() -> bool:
+    """Keep freed CPU memory in the process (glibc ``mallopt``: no trimming of the heap top, and
+    no mmap below 32 MiB), so that a tensor freed and allocated again every call (gradients set
+    to None, outputs) reuses warm pages instead of page-faulting fresh ones. Without it, which
+    implementation's buffers sit at the heap top depends on build order: an eager-vs-eager check
+    of one conv block measured 0.67x between two identical eager models. The same for every
+    implementation. Returns whether it applied (glibc only)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_trim_threshold, 1 << 30)) and \
+            bool(libc.mallopt(m_mmap_threshold, 32 << 20))
+    except (OSError, AttributeError):
+        return False
 
 
 def _clear_grads(tensors):
@@ -269,6 +342,8 @@ def impl_unavailable(impl: str, device: torch.device) -> Optional[str]:
             import fastres
         except Exception as e:
             return f"fastres does not import ({type(e).__name__}: {e})"
+        if backend == "auto":
+            return None
         ok, why = fastres.backend_status().get(backend, (False, "unknown backend"))
         if not ok:
             return f"fastres backend {backend!r} unavailable: {why}"
@@ -501,7 +576,18 @@ def build_op(case: OpCase, impl: str, dtype: torch.dtype, device: torch.device,
         y, inputs, dy = next_bwd()
         torch.autograd.grad(y, inputs, dy, retain_graph=True)
 
-    return {"fwd": Bench(fwd, bytes=nbytes["fwd"]), "bwd": Bench(bwd, bytes=nbytes["bwd"])}
+    benches = {"fwd": Bench(fwd, bytes=nbytes["fwd"]), "bwd": Bench(bwd, bytes=nbytes["bwd"])}
+    if device.type == "cpu":  # a training step of the op, as a module runs it (CPU suite only)
+        next_step = rotate(list(zip(sets, (dy for _, _, dy in graphs))))
+
+        def fwd_bwd():
+            (x, res), dy = next_step()
+            y = fn(*args(x, res))
+            inputs = [x, weight, bias] + ([res] if res is not None else [])
+            torch.autograd.grad(y, inputs, dy)
+
+        benches["fwd+bwd"] = Bench(fwd_bwd, bytes=nbytes["fwd"] + nbytes["bwd"])
+    return benches
 
 
 def eager_block(case, device: torch.device) -> nn.Module:

@@ -17,8 +17,8 @@ SCHEMA_TOP = ("device", "torch", "triton", "cuda", "commit", "date", "records")
 SCHEMA_RECORD = ("level", "case", "impl", "dtype", "mode", "ms", "gbps", "pct_copy_bw",
                  "images_per_s", "peak_mem_bytes", "times_ms")
 LEVELS = ("op", "block", "model")
-IMPL_ORDER = ("eager", "compile", "fastres-triton", "fastres-cuda", "fastres-normconv",
-              "fastres-recompute", "fastres-torch")
+IMPL_ORDER = ("eager", "compile", "fastres-auto", "fastres-triton", "fastres-cuda",
+              "fastres-normconv", "fastres-recompute", "fastres-torch")
 
 
 def validate(results: dict) -> None:
@@ -255,6 +255,95 @@ def summary(results: dict) -> str:
     if not recs:
         lines.append("no records")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Paired ratios (CPU): each round of ``Timer.measure_interleaved`` times every implementation once,
+# back to back, so eager_i / impl_i is a speedup with the machine's load of that moment divided
+# out. Their median and quartiles are the figure and its spread.
+
+VS_EAGER_THRESHOLD = 0.95  # issue 13: fastres "auto" on CPU at >= 0.95x eager, op and block level
+
+
+def quartiles(xs) -> tuple:
+    """(q1, median, q3) by linear interpolation (statistics.quantiles' "inclusive" method)."""
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    import statistics
+
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def paired_row(level, case, dtype, mode, impl, eager_times, impl_times) -> dict:
+    """One row of vs_eager.json from the round-ordered timings of one interleaved measurement."""
+    ratios = [e / t for e, t in zip(eager_times, impl_times)]
+    q1, med, q3 = quartiles(ratios)
+    return {"level": level, "case": case, "dtype": dtype, "mode": mode, "impl": impl,
+            "rounds": len(ratios), "speedup_median": round(med, 4), "speedup_q1": round(q1, 4),
+            "speedup_q3": round(q3, 4), "eager_ms_median": round(quartiles(eager_times)[1], 5),
+            "impl_ms_median": round(quartiles(impl_times)[1], 5)}
+
+
+def vs_eager_groups(rows) -> list:
+    """Per (level, impl, dtype, mode): cases, geometric mean and minimum of the median paired
+    speedups, and how many cases sit below the threshold by their median and by their whole
+    interquartile range (q3 < threshold: slower beyond the run's own noise)."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["level"], r["impl"], r["dtype"], r["mode"])].append(r)
+    out = []
+    for (level, impl, dtype, mode), rs in sorted(groups.items(), key=lambda kv: (
+            LEVELS.index(kv[0][0]), kv[0][1], kv[0][2], kv[0][3])):
+        meds = [r["speedup_median"] for r in rs]
+        worst = min(rs, key=lambda r: r["speedup_median"])
+        out.append({"level": level, "impl": impl, "dtype": dtype, "mode": mode, "cases": len(rs),
+                    "geomean": round(_geomean(meds), 4), "min": worst["speedup_median"],
+                    "min_case": worst["case"],
+                    "min_iqr": [worst["speedup_q1"], worst["speedup_q3"]],
+                    "below_by_median": sum(m < VS_EAGER_THRESHOLD for m in meds),
+                    "below_by_q3": sum(r["speedup_q3"] < VS_EAGER_THRESHOLD for r in rs)})
+    return out
+
+
+def vs_eager_markdown(info: dict, rows, note: str = "") -> str:
+    lines = [f"# Speedup vs eager, paired per round ({info['device']})", "",
+             f"torch {info['torch']}, commit {info['commit']}, {info['date']}. " + note, "",
+             "Each round times eager and fastres once each, back to back (order alternating); "
+             "the speedup is eager's time / fastres's in the same round. Median [q1, q3] over the "
+             f"rounds. Threshold {VS_EAGER_THRESHOLD}x.", "", "## Per level and mode", ""]
+    groups = vs_eager_groups(rows)
+    lines.append(table(("level", "impl", "dtype", "mode", "cases", "geomean", "min (case)",
+                        "min's [q1, q3]", f"cases < {VS_EAGER_THRESHOLD} (median)",
+                        f"cases < {VS_EAGER_THRESHOLD} (q3)"),
+                       [(g["level"], g["impl"], g["dtype"], g["mode"], g["cases"],
+                         f"{g['geomean']:.3f}x", f"{g['min']:.3f}x ({g['min_case']})",
+                         f"[{g['min_iqr'][0]:.3f}, {g['min_iqr'][1]:.3f}]", g["below_by_median"],
+                         g["below_by_q3"]) for g in groups]))
+    lines += ["", "## Per case", ""]
+    lines.append(table(("level", "case", "mode", "impl", "rounds", "eager ms", "impl ms",
+                        "speedup median", "[q1, q3]"),
+                       [(r["level"], r["case"], r["mode"], r["impl"], r["rounds"],
+                         f"{r['eager_ms_median']:.4f}", f"{r['impl_ms_median']:.4f}",
+                         f"{r['speedup_median']:.3f}x",
+                         f"[{r['speedup_q1']:.3f}, {r['speedup_q3']:.3f}]") for r in rows]))
+    return "\n".join(lines) + "\n"
+
+
+def write_vs_eager(info: dict, rows, out_dir: str, note: str = "") -> tuple:
+    """DIR/vs_eager.json ({device, torch, commit, date, threshold, groups, rows}) and
+    DIR/vs_eager.md."""
+    doc = {k: info[k] for k in ("device", "torch", "commit", "date")}
+    doc.update(threshold=VS_EAGER_THRESHOLD, groups=vs_eager_groups(rows), rows=list(rows))
+    json_path = os.path.join(out_dir, "vs_eager.json")
+    md_path = os.path.join(out_dir, "vs_eager.md")
+    with open(json_path, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    with open(md_path, "w") as f:
+        f.write(vs_eager_markdown(info, rows, note))
+    return json_path, md_path
 
 
 def main(argv=None) -> int:

@@ -5,7 +5,7 @@
 On a GPU: every implementation side by side in one process, bf16 and fp16 autocast, channels_last,
 training mode unless stated. Writes DIR/results.json, DIR/results.md and DIR/speedups.png (default
 DIR: benchmarks/results/). Without a GPU, ``--cpu-if-no-gpu`` runs the op and block cases on CPU at
-small sizes (fastres's torch backend vs eager) into benchmarks/results/cpu/ and says so.
+small sizes (fastres's default `auto` backend vs eager) into benchmarks/results/cpu/ and says so.
 """
 from __future__ import annotations
 
@@ -161,41 +161,81 @@ def _fmt(ms, ref_ms, extra=""):
     return s + extra
 
 
-def run_unit(case, dtype_name, impls, device, timer, compile_mode, copy_gbps, log):
-    """All implementations of one case at one dtype: [records], [skip notes], progress text."""
+def run_unit(case, dtype_name, impls, device, timer, compile_mode, copy_gbps, log, paired=None):
+    """All implementations of one case at one dtype: [records], [skip notes], progress text.
+
+    CUDA: one implementation after the other (built, timed, released). CPU: every implementation
+    is built first, then their runs are interleaved (``Timer.measure_interleaved``), so that the
+    load of a shared machine weighs on eager and fastres alike; ``paired`` (a list) then gets a
+    ``report.paired_row`` per non-eager implementation and mode (round-by-round speedups)."""
     dtype = H.DTYPES[dtype_name]
     records, notes = [], []
     parts = {}
-    for impl in impls:
-        if not H.impl_applies(impl, case):
-            continue
+
+    def record(impl, mode, bench, times):
+        ms = statistics.median(times)
+        gbps = pct = ips = peak = None
+        if bench.bytes is not None:
+            gbps = bench.bytes / (ms * 1e-3) / 1e9
+            pct = 100.0 * gbps / copy_gbps if copy_gbps else None
+        if bench.images is not None:
+            ips = bench.images / (ms * 1e-3)
+        if case.level != "op":
+            peak = H.peak_memory(device, bench.fn, bench.grad_to_none)
+        records.append(H.make_record(case.level, case.name, impl, dtype_name, mode, ms,
+                                     gbps, pct, ips, peak, times))
+        parts.setdefault(mode, []).append((impl, ms, pct))
+
+    def failed(impl, e):
+        if isinstance(e, H.Skip):
+            notes.append(f"{case.level} {case.name} {dtype_name} {impl}: skipped — {e}")
+            return
+        notes.append(f"{case.level} {case.name} {dtype_name} {impl}: FAILED — "
+                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        log(traceback.format_exc())
+
+    applicable = [impl for impl in impls if H.impl_applies(impl, case)]
+    if device.type == "cpu":
+        built = {}
+        for impl in applicable:
+            try:
+                with H.impl_context(impl, case):
+                    built[impl] = H.build(case, impl, dtype, device, compile_mode)
+            except Exception as e:  # keep going: one failure must not lose the other figures
+                failed(impl, e)
+        modes = list(dict.fromkeys(m for benches in built.values() for m in benches))
+        for mode in modes:
+            calls = {impl: (benches[mode].fn, benches[mode].grad_to_none,
+                            lambda impl=impl: H.impl_context(impl, case))
+                     for impl, benches in built.items() if mode in benches}
+            try:
+                times = timer.measure_interleaved(calls)
+            except Exception as e:
+                failed(f"{'/'.join(calls)} {mode}", e)
+                continue
+            for impl in calls:
+                record(impl, mode, built[impl][mode], times[impl])
+                if paired is not None and impl != "eager" and "eager" in times:
+                    paired.append(report.paired_row(case.level, case.name, dtype_name, mode, impl,
+                                                    times["eager"], times[impl]))
+        built = None
+        if "compile" in applicable:
+            import torch._dynamo
+
+            torch._dynamo.reset()
+        H.release()
+    for impl in (applicable if device.type != "cpu" else ()):
         t0 = time.perf_counter()
         try:
             with H.impl_context(impl, case):
                 benches = H.build(case, impl, dtype, device, compile_mode)
                 for mode, bench in benches.items():
-                    times = timer.measure(bench.fn, bench.grad_to_none)
-                    ms = statistics.median(times)
-                    gbps = pct = ips = peak = None
-                    if bench.bytes is not None:
-                        gbps = bench.bytes / (ms * 1e-3) / 1e9
-                        pct = 100.0 * gbps / copy_gbps if copy_gbps else None
-                    if bench.images is not None:
-                        ips = bench.images / (ms * 1e-3)
-                    if case.level != "op":
-                        peak = H.peak_memory(device, bench.fn, bench.grad_to_none)
-                    records.append(H.make_record(case.level, case.name, impl, dtype_name, mode, ms,
-                                                 gbps, pct, ips, peak, times))
-                    parts.setdefault(mode, []).append((impl, ms, pct))
+                    record(impl, mode, bench, timer.measure(bench.fn, bench.grad_to_none))
             if impl == "compile":
                 log(f"    compile: {case.name} {dtype_name} compiled and timed in "
                     f"{time.perf_counter() - t0:.1f}s")
-        except H.Skip as e:
-            notes.append(f"{case.level} {case.name} {dtype_name} {impl}: skipped — {e}")
         except Exception as e:  # keep going: one failure must not lose the other figures
-            notes.append(f"{case.level} {case.name} {dtype_name} {impl}: FAILED — "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            log(traceback.format_exc())
+            failed(impl, e)
         finally:
             benches = None
             if impl == "compile":
@@ -253,7 +293,10 @@ def main(argv=None) -> int:
                 f"{'on' if torch.backends.cudnn.benchmark else 'off'} for every implementation; "
                 f"no CUDA graphs; {'--quick' if args.quick else 'full suite'}.")
     if device.type == "cpu":
-        note = ("CPU figures — not GPU performance; " + committed_results_note())
+        threads = int(os.environ.get("FASTRES_BENCH_THREADS", "1"))
+        plural = "s" if threads > 1 else ""
+        note = (f"CPU figures — not GPU performance ({threads} thread{plural}); "
+                + committed_results_note())
         print(note, flush=True)
     info = H.env_info(device)
     print(f"device: {info['device']}; torch {info['torch']}; triton {info['triton']}; "
@@ -275,13 +318,19 @@ def main(argv=None) -> int:
         # One thread: on a shared CPU, OpenMP threads spinning against other work make timings
         # swing by 1000x; single-threaded figures are stable (and are CPU figures anyway).
         torch.set_num_threads(int(os.environ.get("FASTRES_BENCH_THREADS", "1")))
+        if not H.steady_cpu_allocator():
+            print("note: glibc mallopt unavailable; CPU timings include page faults of freed "
+                  "memory", flush=True)
     if args.tiny:
         timer = H.Timer(device, warmup_ms=5, rep_ms=20, min_reps=3, cpu_budget_s=0.02, cpu_max_reps=3)
     elif args.quick:
         timer = H.Timer(device, warmup_ms=25, rep_ms=100, min_reps=10)
+    elif device.type == "cpu":  # interleaved rounds: 10 to 200, about 1.5 s per implementation
+        timer = H.Timer(device, cpu_budget_s=1.5, cpu_max_reps=200, cpu_min_reps=10)
     else:
         timer = H.Timer(device, warmup_ms=50, rep_ms=300, min_reps=30)
     results = dict(info, records=[])
+    paired = []  # CPU: round-by-round speedups vs eager (report.write_vs_eager)
     json_path, md_path = os.path.join(out, "results.json"), os.path.join(out, "results.md")
     t_start = time.perf_counter()
     progress = Progress(len(units))
@@ -302,7 +351,7 @@ def main(argv=None) -> int:
                 progress.log(f"time budget spent: {len(left)} cases not run")
                 break
             records, notes, text = run_unit(case, dtype, impls, device, timer, compile_mode,
-                                            copy_gbps, progress.log)
+                                            copy_gbps, progress.log, paired)
             results["records"].extend(records)
             skipped.extend(notes)
             progress.line(text)
@@ -318,6 +367,8 @@ def main(argv=None) -> int:
     report.write_json(results, json_path)
     report.write_markdown(results, md_path, skipped, note)
     print(f"wrote {json_path} and {md_path}", flush=True)
+    if paired and not args.tiny:  # (--tiny is gpu_check.sh's smoke test: its OUTDIR file list)
+        print("wrote {} and {}".format(*report.write_vs_eager(info, paired, out, note)), flush=True)
     if not args.no_plot:
         why = report.write_plot(results, os.path.join(out, "speedups.png"))
         print(why or f"wrote {os.path.join(out, 'speedups.png')}", flush=True)
@@ -329,6 +380,14 @@ def main(argv=None) -> int:
             print(f"  - {s}", flush=True)
         if len(skipped) > 40:
             print(f"  ... and {len(skipped) - 40} more in {md_path}", flush=True)
+    if paired:
+        print("\nspeedup vs eager, paired per round (median over cases' medians; min [q1, q3]):",
+              flush=True)
+        for g in report.vs_eager_groups(paired):
+            print(f"  {g['level']:5s} {g['impl']:14s} {g['mode']:8s} {g['cases']:3d} cases  "
+                  f"geomean {g['geomean']:.3f}x  min {g['min']:.3f}x [{g['min_iqr'][0]:.3f}, "
+                  f"{g['min_iqr'][1]:.3f}] ({g['min_case']})  below {report.VS_EAGER_THRESHOLD}: "
+                  f"{g['below_by_median']} by median, {g['below_by_q3']} by q3", flush=True)
     if device.type == "cpu":
         print("\n" + note, flush=True)
     print(f"total {time.perf_counter() - t_start:.0f}s", flush=True)

@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.overrides import has_torch_function_variadic
 
 from fastres.backend import runs_eager_ops
 from fastres.ops.batch_norm_act import BatchNormActFunction, channel_count
@@ -18,6 +19,10 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _check_activation(activation) -> bool:
+    if activation == "relu":  # the common spellings first: this runs on every call
+        return True
+    if activation is None:
+        return False
     if isinstance(activation, str):
         activation = activation.lower()
         if activation in ("none", "identity"):
@@ -30,16 +35,20 @@ def _check_activation(activation) -> bool:
 def check_batch_norm_act_args(input, running_mean, running_var, weight, bias, training, residual,
                               world_size=1):
     """Raise a clear exception for anything the fused op cannot treat exactly as eager would.
-    world_size: ranks whose batches are normalised together (SyncBN; one value per rank is fine)."""
+    world_size: ranks whose batches are normalised together (SyncBN; one value per rank is fine).
+    Runs on every call, also on CPU where the op is eager's own: the input's attributes are read
+    once (each read is a C++ call that costs about as much as the comparison)."""
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
-    if input.dim() != 4:
-        raise ValueError(f"batch_norm_act expects 4-D input (N, C, H, W), got {input.dim()}-D input "
-                         f"of shape {tuple(input.shape)}")
-    if input.dtype not in FLOAT_DTYPES:
+    shape = input.shape
+    if len(shape) != 4:
+        raise ValueError(f"batch_norm_act expects 4-D input (N, C, H, W), got {len(shape)}-D input "
+                         f"of shape {tuple(shape)}")
+    dtype, device = input.dtype, input.device
+    if dtype not in FLOAT_DTYPES:
         raise TypeError(f"batch_norm_act supports float32, float16 and bfloat16 input (float64 with "
-                        f"the torch backend), got {input.dtype}")
-    C = input.shape[1]
+                        f"the torch backend), got {dtype}")
+    C = shape[1]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
                     ("running_var", running_var)):
         if t is None:
@@ -49,11 +58,12 @@ def check_batch_norm_act_args(input, running_mean, running_var, weight, bias, tr
         if t.dim() != 1 or t.numel() != C:
             raise ValueError(f"{name} must have shape ({C},) to match the input's {C} channels, "
                              f"got shape {tuple(t.shape)}")
-        if t.device != input.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
-        if t.dtype not in (torch.float32, input.dtype):
-            raise TypeError(f"{name} must be float32 or the input's dtype ({input.dtype}), "
-                            f"got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but input is on {device}")
+        t_dtype = t.dtype
+        if t_dtype is not torch.float32 and t_dtype is not dtype:
+            raise TypeError(f"{name} must be float32 or the input's dtype ({dtype}), "
+                            f"got {t_dtype}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
     if not training and running_mean is None:
@@ -62,19 +72,17 @@ def check_batch_norm_act_args(input, running_mean, running_var, weight, bias, tr
     if residual is not None:
         if not isinstance(residual, Tensor):
             raise TypeError(f"residual must be a Tensor or None, got {type(residual).__name__}")
-        if residual.shape != input.shape:
+        if residual.shape != shape:
             raise ValueError(f"residual shape {tuple(residual.shape)} does not match input shape "
-                             f"{tuple(input.shape)}")
-        if residual.dtype != input.dtype:
+                             f"{tuple(shape)}")
+        if residual.dtype is not dtype:
             raise TypeError(f"residual dtype {residual.dtype} does not match input dtype "
-                            f"{input.dtype}")
-        if residual.device != input.device:
-            raise ValueError(f"residual is on {residual.device} but input is on {input.device}")
-    if training:
-        count = channel_count(input)
-        if count == 1 and world_size < 2:
-            raise ValueError("Expected more than 1 value per channel when training, got input "
-                             f"size {input.shape}")
+                            f"{dtype}")
+        if residual.device != device:
+            raise ValueError(f"residual is on {residual.device} but input is on {device}")
+    if training and world_size < 2 and shape[0] * shape[2] * shape[3] == 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input "
+                         f"size {shape}")
 
 
 def _check_eps(eps, training: bool) -> float:
@@ -91,6 +99,8 @@ def _check_eps(eps, training: bool) -> float:
 def _check_momentum(momentum):
     """A float as for F.batch_norm, or a 0-d tensor on the input's device (what BatchNormAct2d
     passes for momentum=None: 1/num_batches_tracked without reading the count on the host)."""
+    if type(momentum) is float:  # the common case first: this runs on every call
+        return momentum
     if isinstance(momentum, Tensor) and momentum.dim() == 0 and momentum.is_floating_point():
         return momentum
     if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
@@ -107,6 +117,68 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum):
         unbiased = var.to(acc) * (count / (count - 1))
         running_mean.copy_(running_mean.to(acc) * (1.0 - momentum) + mean.to(acc) * momentum)
         running_var.copy_(running_var.to(acc) * (1.0 - momentum) + unbiased * momentum)
+
+
+def _cpu_batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                        residual, relu: bool, num_batches_tracked) -> Tensor:
+    """batch_norm_act for "auto" on CPU tensors: eager's own ops, as torchvision's blocks run them
+    — ``F.batch_norm`` [``out += residual``] [``relu_``], bit-identical to eager and the same ATen
+    ops — checked as the other backends are, but at less cost: at small sizes eager's whole op
+    takes a few tens of microseconds, and every attribute read in Python is ~0.1 µs of it.
+
+    ATen checks the per-channel vectors itself (count, device, dtype) and raises before it touches
+    the running statistics; only what eager's ops would accept and fastres rejects is checked
+    here first (input rank and dtype, a lone running_mean or running_var, 2-D weight or bias,
+    the residual, one value per channel), then F.batch_norm's own checks (eps), after which
+    ``torch.batch_norm`` is called directly, as F.batch_norm does (tensor subclasses still go
+    through F.batch_norm's __torch_function__). When anything raises, ``check_batch_norm_act_args``
+    runs to raise fastres's own exception naming the problem; should it find none, the original
+    exception propagates. While compiling (tracing costs nothing per call) the full check runs
+    first and F.batch_norm itself is traced (the cudnn flag's getter is not traceable)."""
+    if torch.compiler.is_compiling():
+        check_batch_norm_act_args(input, running_mean, running_var, weight, bias, training,
+                                  residual)
+        eps = _check_eps(eps, training)
+        if momentum is None and num_batches_tracked is not None:
+            momentum = 1.0 / float(num_batches_tracked)
+        y = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
+                                           training, float(_check_momentum(momentum)), eps)
+        if residual is not None:
+            y += residual
+        return torch.relu_(y) if relu else y
+    try:
+        shape = input.shape
+        if (len(shape) != 4 or not input.is_floating_point()
+                or (running_mean is None) != (running_var is None)
+                or (weight is not None and weight.dim() != 1)
+                or (bias is not None and bias.dim() != 1)
+                or (training and shape[0] * shape[2] * shape[3] == 1)
+                or (residual is not None and (residual.shape != shape
+                                              or residual.dtype != input.dtype
+                                              or not residual.is_cpu))):
+            raise ValueError("batch_norm_act: invalid arguments")  # named by the full check
+        if type(eps) is not float or eps <= 0.0:
+            eps = _check_eps(eps, training)  # F.batch_norm's rule (eps = 0 is fine in eval)
+        if momentum is None and num_batches_tracked is not None:
+            momentum = 1.0 / float(num_batches_tracked)  # the count is on the CPU: eager reads it
+        elif type(momentum) is not float:
+            momentum = float(_check_momentum(momentum))
+        if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+            y = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
+                                               training, momentum, eps)
+        else:  # (the cudnn flag as F.batch_norm passes it, read without torch.backends' property)
+            y = torch.batch_norm(input, weight, bias, running_mean, running_var, training,
+                                 momentum, eps, torch._C._get_cudnn_enabled())
+        # In place on batch_norm's fresh output, as torchvision's blocks do: BN's backward does
+        # not read its output, and no new tensor is allocated (fresh large allocations cost page
+        # faults on every CPU call).
+        if residual is not None:
+            y += residual
+        return torch.relu_(y) if relu else y
+    except Exception:
+        check_batch_norm_act_args(input, running_mean, running_var, weight, bias, training,
+                                  residual)
+        raise
 
 
 def batch_norm_act(
@@ -139,19 +211,14 @@ def batch_norm_act(
     On CPU tensors the "auto" backend runs eager's own ops (bit-identical to eager).
     """
     relu = _check_activation(activation)
+    if runs_eager_ops(input):
+        return _cpu_batch_norm_act(input, running_mean, running_var, weight, bias, training,
+                                   momentum, eps, residual, relu, num_batches_tracked)
     check_batch_norm_act_args(input, running_mean, running_var, weight, bias, training, residual)
     eps = _check_eps(eps, training)
     cumulative = momentum is None and num_batches_tracked is not None
     if not cumulative:
         momentum = _check_momentum(momentum)
-    if runs_eager_ops(input.device):
-        if cumulative:  # CPU: reading the count is free, and eager reads it too
-            momentum = 1.0 / float(num_batches_tracked)
-        y = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
-                                           training, float(momentum), eps)
-        if residual is not None:
-            y = y + residual
-        return torch.relu(y) if relu else y
     if isinstance(momentum, Tensor):  # a device factor f: the kernels read 1/n, so pass n = 1/f
         num_batches_tracked, momentum = torch.reciprocal(momentum), None
     # The op updates the running statistics in place (an empty batch leaves them, as eager).

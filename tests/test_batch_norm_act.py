@@ -287,7 +287,7 @@ def _good():
                 training=True)
 
 
-@pytest.mark.parametrize("change, exc, match", [
+BAD_INPUTS = [
     (dict(input=torch.randn(2, 3, 4)), ValueError, "4-D"),
     (dict(input=torch.randn(2, 3, 4, 4, 1)), ValueError, "4-D"),
     (dict(weight=torch.ones(4)), ValueError, "weight must have shape"),
@@ -304,12 +304,36 @@ def _good():
     (dict(running_var=None), ValueError, "both"),
     (dict(activation="gelu"), ValueError, "activation"),
     (dict(weight=[1.0, 1.0, 1.0]), TypeError, "weight must be a Tensor"),
-])
+]
+
+
+@pytest.mark.parametrize("change, exc, match", BAD_INPUTS)
 def test_bad_input(backend, change, exc, match):
     kw = _good()
     kw.update(change)
     with pytest.raises(exc, match=match):
         batch_norm_act(**kw)
+
+
+@pytest.mark.parametrize("change, exc, match", BAD_INPUTS + [
+    (dict(weight=torch.ones(3, 1)), ValueError, "weight must have shape"),
+    (dict(bias=torch.ones(1, 3)), ValueError, "bias must have shape"),
+    (dict(running_mean=torch.zeros(3, dtype=torch.float16)), TypeError,
+     "running_mean must be float32"),
+    (dict(residual=torch.randn(1, 3, 1, 1)), ValueError, "residual shape"),  # would broadcast
+    (dict(running_mean=None), ValueError, "both"),
+])
+def test_bad_input_auto_on_cpu(change, exc, match):
+    """"auto" on CPU runs eager's ops and checks only what they would accept before them (ATen
+    checks the rest, before the running statistics change): the same exception as the other
+    backends, and the running statistics untouched."""
+    kw = _good()
+    kw.update(change)
+    stats = [t.clone() for t in (kw["running_mean"], kw["running_var"]) if t is not None]
+    with fastres.use_backend("auto"), pytest.raises(exc, match=match):
+        batch_norm_act(**kw)
+    assert all(torch.equal(a, b) for a, b in
+               zip(stats, [t for t in (kw["running_mean"], kw["running_var"]) if t is not None]))
 
 
 @pytest.mark.gpu

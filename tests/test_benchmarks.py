@@ -2,11 +2,13 @@
 runner's CPU mode and time budget, and ``benchmarks/gpu_check.sh --dry-run``."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -230,10 +232,10 @@ def test_gpu_check_dry_run_results(dry_run):
     assert all(r["times_ms"] and 0.999 * min(r["times_ms"]) <= r["ms"] <= 1.001 * max(r["times_ms"])
                for r in recs if r["impl"] != "torch.copy_")
     ops = [r for r in recs if r["level"] == "op" and r["impl"] == "eager"]
-    assert {r["mode"] for r in ops} == {"fwd", "bwd"}
+    assert {r["mode"] for r in ops} == {"fwd", "bwd", "fwd+bwd"}  # fwd+bwd: the CPU suite only
     assert all(r["gbps"] > 0 and r["pct_copy_bw"] > 0 and r["images_per_s"] is None for r in ops)
-    fused = [r for r in recs if r["impl"] == "fastres-torch" and r["level"] == "op"]
-    assert len(fused) == len(ops)  # the torch backend vs eager, case for case
+    fused = [r for r in recs if r["impl"] == "fastres-auto" and r["level"] == "op"]
+    assert len(fused) == len(ops)  # the default backend vs eager, case for case
     blocks = [r for r in recs if r["level"] == "block"]
     assert {r["mode"] for r in blocks} == {"fwd+bwd", "eval"}
     assert all(r["gbps"] is None for r in blocks)
@@ -260,7 +262,58 @@ def test_a_failing_implementation_does_not_stop_the_case(monkeypatch):
     logged = []
     records, notes, text = run.run_unit(case, "float32", ["eager", "fastres-torch"], cpu, timer,
                                         None, 1.0, logged.append)
-    assert [(r["impl"], r["mode"]) for r in records] == [("eager", "fwd"), ("eager", "bwd")]
+    assert [(r["impl"], r["mode"]) for r in records] == [("eager", "fwd"), ("eager", "bwd"),
+                                                         ("eager", "fwd+bwd")]
     assert notes == [f"op {case.name} float32 fastres-torch: FAILED — RuntimeError: boom"]
     assert any("RuntimeError: boom" in line for line in logged)  # the traceback is logged
     assert all(r["gbps"] > 0 and r["pct_copy_bw"] == pytest.approx(100 * r["gbps"]) for r in records)
+
+
+def test_cpu_timer_interleaves_and_pairs(tmp_path):
+    """CPU: implementations take turns within each round, the order rotating; the paired speedups
+    (eager_i / impl_i of the same round) give vs_eager.json / .md."""
+    calls, order = {}, []
+    for name, ms in (("eager", 2e-3), ("fastres-auto", 1e-3)):
+        def fn(name=name, ms=ms):
+            order.append(name)
+            t_end = time.perf_counter() + ms
+            while time.perf_counter() < t_end:
+                pass
+        calls[name] = (fn, None, contextlib.nullcontext)
+    timer = H.Timer(torch.device("cpu"), cpu_budget_s=0.0, cpu_max_reps=6, cpu_min_reps=6)
+    times = timer.measure_interleaved(calls)
+    assert order[:2] == ["eager", "fastres-auto"]  # the warm-up calls
+    rounds = [order[i:i + 2] for i in range(2, len(order), 2)]
+    assert len(rounds) == 6 and all(sorted(r) == ["eager", "fastres-auto"] for r in rounds)
+    assert rounds[0] != rounds[1]  # the order alternates
+    row = report.paired_row("op", "case", "float32", "fwd", "fastres-auto", times["eager"],
+                            times["fastres-auto"])
+    assert row["rounds"] == 6 and row["speedup_q1"] <= row["speedup_median"] <= row["speedup_q3"]
+    assert 1.3 < row["speedup_median"] < 3  # 2 ms vs 1 ms
+    slow = dict(row, case="slow", speedup_median=0.9, speedup_q1=0.85, speedup_q3=0.93)
+    info = {"device": "cpu: test", "torch": torch.__version__, "commit": "abc", "date": "today"}
+    json_path, md_path = report.write_vs_eager(info, [row, slow], str(tmp_path))
+    doc = json.loads(open(json_path).read())
+    (group,) = doc["groups"]
+    assert group["cases"] == 2 and group["min"] == 0.9 and group["min_case"] == "slow"
+    assert group["below_by_median"] == 1 and group["below_by_q3"] == 1
+    assert "| op | fastres-auto | float32 | fwd | 2 |" in open(md_path).read()
+
+
+def test_committed_cpu_reference_is_what_the_readme_shows():
+    """benchmarks/README.md's "CPU: fastres auto vs eager" table is the committed run's
+    (benchmarks/results/cpu_reference/vs_eager.json), and that run meets issue 13's threshold."""
+    ref = os.path.join(ROOT, "benchmarks", "results", "cpu_reference")
+    doc = json.loads(open(os.path.join(ref, "vs_eager.json")).read())
+    readme = open(os.path.join(ROOT, "benchmarks", "README.md")).read()
+    assert doc["device"].startswith("cpu") and doc["commit"][:7] in readme
+    assert {(g["level"], g["mode"]) for g in doc["groups"]} == {
+        ("op", "fwd"), ("op", "bwd"), ("op", "fwd+bwd"), ("block", "fwd+bwd"), ("block", "eval")}
+    for g in doc["groups"]:
+        row = (f"| {g['level']} | {g['mode']} | {g['cases']} | {g['geomean']:.3f}x | "
+               f"{g['min']:.3f}x ({g['min_case']}) | "
+               f"[{g['min_iqr'][0]:.3f}, {g['min_iqr'][1]:.3f}] "
+               f"| {g['below_by_median']} | {g['below_by_q3']} |")
+        assert row in readme, row
+        assert g["impl"] == "fastres-auto" and g["below_by_median"] == 0 and g["below_by_q3"] == 0
+    assert all(r["rounds"] >= 10 for r in doc["rows"])
