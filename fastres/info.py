@@ -39,8 +39,9 @@ def _extension_line() -> str:
     module = load_extension()
     if module is None:
         return f"fastres._C: not loaded: {extension_status()[1]}"
-    ops = sorted(n for n in ("bn_stats_cuda", "bn_apply_cuda", "bn_backward_reduce_cuda",
-                             "bn_backward_dx_cuda") if hasattr(torch.ops.fastres, n))
+    # Every op the extension registered (its TORCH_LIBRARY block), not a list kept by hand.
+    ops = sorted({s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas()
+                  if s.name.startswith("fastres::") and s.name.endswith("_cuda")})
     return f"fastres._C: loaded from {module.__file__} (ops: {', '.join(ops)})"
 
 
