@@ -180,10 +180,10 @@ def test_conv_largest_configs_fit_and_use_wgmma(conv_rows, spill_rows):
     with both prologues at 64×128×32 w4 s4 is pruned for spills and spills in the compile."""
     assert {r.kernel for r in conv_rows} == CONV_MMA_KERNELS
     statuses = {r.autotune for r in conv_rows + spill_rows if r.kernel in CONV_MMA_KERNELS}
-    assert statuses & REQUESTABLE and {"pruned: shared memory", "pruned: spills"} <= statuses, \
-        statuses
     problems = _check_conv(conv_rows + spill_rows)
     assert not problems, "\n".join(problems)
+    assert statuses & REQUESTABLE and {"pruned: shared memory", "pruned: spills"} <= statuses, \
+        statuses
 
 
 def test_conv_mma_kind_on_sm90(conv_rows):
