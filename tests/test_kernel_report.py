@@ -136,8 +136,9 @@ def test_bn_reductions_register_budget_and_pipelining(bn_rows):
 def _check_conv(rows):
     """Every conv MMA compile the launchers can request (the autotuner's pruner keeps it, here or
     at larger channel counts) fits the arch's shared memory, spills nothing and uses wgmma on
-    sm_90; every config the pruner drops for shared memory is over the limit in the compile (the
-    pruner's model agrees with the compiler's figure both ways); every config it drops for spills
+    sm_90; on sm_90 every config the pruner drops for shared memory is over the limit in the
+    compile (the pruner's model agrees with the compiler's figure both ways; on sm_80 the model is
+    conservative: conv.shared_memory_bytes); every config it drops for spills
     spills in at least one compile of the same kernel, config, dtype and arch here (no stale entry)."""
     problems = []
     spill_pruned = {}
@@ -156,7 +157,7 @@ def _check_conv(rows):
             if why:
                 problems.append(f"{where} ({r.autotune}): {', '.join(why)}")
         elif r.autotune == "pruned: shared memory":
-            if not r.over_smem:
+            if r.arch == 90 and not r.over_smem:
                 problems.append(f"{where}: pruned for shared memory, compiles to {r.smem} B")
         elif r.autotune == "pruned: spills":
             group = spill_pruned.setdefault((r.kernel, r.config, r.dtype, r.arch), [])
