@@ -129,8 +129,8 @@ def shared_memory_bytes(kind: str, config, elem_bytes: int, dy_stats: bool = Tru
 # one lowers to wgmma (cp.async pipelining, or TMA for the 1×1 stride-1 plain GEMMs). fp32 tiles
 # are bounded by shared memory (``shared_memory_bytes``; the autotuner prunes what does not fit:
 # dgrad 128×128×64 with the statistics' gradient, wgrad 128×128×64 and 128×64×64 in fp32), and
-# dgrad with both prologues by registers (``_SPILLING_WITH_BOTH_PROLOGUES``, pruned too); fwd and
-# wgrad spill nothing.
+# dgrad / wgrad with both prologues by registers (``_SPILLING_WITH_BOTH_PROLOGUES``, pruned too);
+# fwd spills nothing.
 _CUDA_SHAPES = {
     # wgrad: M = output channels, N = input channels (per tap), K = pixels (long reduction).
     "wgrad": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)],
