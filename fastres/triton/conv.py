@@ -129,8 +129,8 @@ def shared_memory_bytes(kind: str, config, elem_bytes: int, dy_stats: bool = Tru
 # one lowers to wgmma (cp.async pipelining, or TMA for the 1×1 stride-1 plain GEMMs). fp32 tiles
 # are bounded by shared memory (``shared_memory_bytes``; the autotuner prunes what does not fit:
 # dgrad 128×128×64 with the statistics' gradient, wgrad 128×128×64 and 128×64×64 in fp32), and
-# dgrad / wgrad with both prologues by registers (``_SPILLING_WITH_BOTH_PROLOGUES``, pruned too);
-# fwd spills nothing.
+# a few by registers (``_SPILLING_CONFIGS``: dgrad / wgrad with both prologues, and on sm_80 fwd
+# with statistics; pruned too).
 _CUDA_SHAPES = {
     # wgrad: M = output channels, N = input channels (per tap), K = pixels (long reduction).
     "wgrad": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)],
@@ -169,19 +169,30 @@ def conv_configs(kind: str) -> list:
 
 
 # Configurations that ptxas compiles with register spills (STL in the SASS, counted by
-# tools/kernel_report.py with the launcher's specialisation, triton 3.8) for the dgrad and wgrad
-# variants with BOTH prologues — x's BN-apply + ReLU and the statistics' gradient folded into dy
-# (dy, the saved output y and their per-channel coefficients live beside the accumulator): up to
-# 255 registers per thread and 12–92 B of local-memory stores per thread. Keyed by
-# (kind, operand dtype, SM version); the autotuner drops them for that variant only (``prune_reason``),
-# the other configurations of the list cover those layers.
-_SPILLING_WITH_BOTH_PROLOGUES = {
-    ("dgrad", torch.bfloat16, 90): {(64, 128, 32, 4, 4)},                       # 28–32 B
-    ("dgrad", torch.float16, 90): {(64, 128, 32, 4, 4), (128, 128, 32, 8, 4)},  # 32–40 B; 28 B
-    ("dgrad", torch.float32, 90): {(64, 128, 32, 4, 4), (64, 64, 64, 4, 3)},    # 92 B; 28 B
-    ("dgrad", torch.float32, 80): {(128, 64, 32, 4, 4)},                        # 20 B
-    ("wgrad", torch.bfloat16, 90): {(128, 64, 64, 4, 4)},                       # 12 B
-    ("wgrad", torch.bfloat16, 80): {(128, 64, 64, 4, 4)},                       # 28 B
+# tools/kernel_report.py with the launcher's specialisation at ResNet-50 shapes, triton 3.8; up to
+# 255 registers per thread and 8–92 B of local-memory stores per thread). Mostly dgrad / wgrad with
+# BOTH prologues — x's BN-apply + ReLU and the statistics' gradient folded into dy (dy, the saved
+# output y and their per-channel coefficients live beside the accumulator) — and, on sm_80
+# (mma.sync), fwd with the statistics epilogue. Keyed by (kind, the variant's switches that are
+# on, operand dtype, SM version); the autotuner drops them for that variant only
+# (``prune_reason``), the other configurations of the list cover those layers. fp16 was compiled
+# for dgrad only (the report's default dtypes are bf16 and fp32).
+_SWITCHES = ("HAS_PROLOGUE", "HAS_STATS", "HAS_DY_PROLOGUE")
+_BOTH_PROLOGUES = frozenset({"HAS_PROLOGUE", "HAS_DY_PROLOGUE"})
+_PROLOGUE_STATS = frozenset({"HAS_PROLOGUE", "HAS_STATS"})
+_SPILLING_CONFIGS = {
+    ("dgrad", _BOTH_PROLOGUES, torch.bfloat16, 90): {(64, 128, 32, 4, 4)},       # 28–32 B
+    ("dgrad", _BOTH_PROLOGUES, torch.float16, 90): {(64, 128, 32, 4, 4),         # 32–40 B
+                                                    (128, 128, 32, 8, 4)},       # 28 B
+    ("dgrad", _BOTH_PROLOGUES, torch.float32, 90): {(64, 128, 32, 4, 4),         # 92 B
+                                                    (64, 64, 64, 4, 3)},         # 28 B
+    ("dgrad", _BOTH_PROLOGUES, torch.float32, 80): {(128, 64, 32, 4, 4)},        # 20 B
+    ("wgrad", _BOTH_PROLOGUES, torch.bfloat16, 90): {(128, 64, 64, 4, 4)},       # 12 B
+    ("wgrad", _BOTH_PROLOGUES, torch.bfloat16, 80): {(128, 64, 64, 4, 4)},       # 28 B
+    ("fwd", _PROLOGUE_STATS, torch.bfloat16, 80): {(128, 128, 32, 8, 4),         # 8 B
+                                                   (128, 64, 32, 4, 4)},         # 8 B
+    ("fwd", _PROLOGUE_STATS, torch.float32, 80): {(128, 64, 32, 4, 4)},          # 16 B
+    ("fwd", frozenset({"HAS_STATS"}), torch.bfloat16, 80): {(128, 128, 64, 8, 3)},  # stem: 32 B
 }
 
 
@@ -195,17 +206,17 @@ def prune_reason(kind: str, config, named_args: dict, limit: int = None,
     """Why the autotuner never benchmarks ``config`` for this launch, whatever the problem size:
     "shared memory" (``shared_memory_bytes`` over ``limit``, default the device's, for the operand
     dtype, with or without the saved-output tile of ``dy_stats``) or "spills" (in
-    ``_SPILLING_WITH_BOTH_PROLOGUES`` for this variant, dtype and ``arch``, default the device's);
+    ``_SPILLING_CONFIGS`` for this variant's switches, dtype and ``arch``, default the device's);
     None when it may be benchmarked."""
     act = named_args["X"] if kind == "fwd" else named_args["DY"]
     dy_stats = bool(named_args.get("HAS_DY_PROLOGUE", False))
     limit = device_shared_memory(act.device) if limit is None else limit
     if shared_memory_bytes(kind, config, act.element_size(), dy_stats) > limit:
         return "shared memory"
-    if dy_stats and named_args.get("HAS_PROLOGUE", False):
-        arch = device_arch(act.device) if arch is None else arch
-        if _config_shape(config) in _SPILLING_WITH_BOTH_PROLOGUES.get((kind, act.dtype, arch), ()):
-            return "spills"
+    switches = frozenset(name for name in _SWITCHES if named_args.get(name, False))
+    arch = device_arch(act.device) if arch is None else arch
+    if _config_shape(config) in _SPILLING_CONFIGS.get((kind, switches, act.dtype, arch), ()):
+        return "spills"
     return None
 
 
