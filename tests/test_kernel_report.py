@@ -7,9 +7,12 @@ costs ~10 s of imports, a compile ~1 s): the BN-act kernels of one bf16 NHWC Bat
 with a residual (ResNet-50's 64×56×56 at batch 256) and its reduction kernels also in fp32 and
 NCHW; the conv configurations with the largest shared-memory footprint in fp32 (TF32, 3×3 with
 both prologues); and the 1×1 stride-1 conv variants (plain GEMMs: fwd, dgrad, wgrad, with and
-without prologues) in bf16 at one config, which load through tensor descriptors (TMA). The slow
-test compiles every conv configuration for sm_90 and sm_80 in fp32 (the dtype with the largest
-tiles).
+without prologues) in bf16 at one config, which load through tensor descriptors (TMA), and the
+1×1 dgrad with both prologues at 64×128×32 w4 s4 (bf16), which the autotuner's pruner drops for
+spills. The slow test (about 6 min on 2 cores) compiles every conv configuration for sm_90 and
+sm_80 in fp32 and bf16. Each conv row carries the pruner's verdict (``conv.prune_configs`` /
+``conv.prune_reason`` asked with the launch's arguments): what the launchers can request must fit,
+spill nothing and use wgmma on sm_90; what is pruned must be over the limit (sm_90) or spill.
 Kernel names below are those of the current kernels; a rewrite updates them here.
 """
 import importlib.util
