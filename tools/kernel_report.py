@@ -32,6 +32,13 @@ How the specialisation is obtained (not duplicated by hand):
             GEMMs) load through tensor descriptors where Triton has them (``USE_TMA`` in the
             variant, tma > 0); every other variant loads through pointers (tma 0)
    ld / st  widths in bits of the global loads / stores in the PTX (ld.global.v4.b32 = 128)
+   autotune (conv MMA kernels) what the autotuner's own pruner (``conv.prune_configs`` /
+            ``conv.prune_reason``, asked at capture with the launch's arguments and the arch's
+            shared-memory limit) does with the pinned config: kept; pruned: shared memory /
+            spills (never benchmarked for this variant and dtype on this arch); pruned: larger
+            than the problem (kept at larger channel counts). The report compiles every config of
+            ``cuda_conv_configs`` anyway, so that the pruner's model can be checked against the
+            compiler's figures (tests/test_kernel_report.py)
 
 Two GPU-only choices cannot be made under the interpreter and are applied at capture:
 ``conv.input_precision`` answers as on a CUDA device (tf32 for fp32 when cuDNN allows TF32), and
@@ -90,6 +97,7 @@ class Spec:
     options: tuple             # ((option, value), ...) from backend.parse_options
     dtype: str                 # the activation dtype of the scenario
     scenario: str
+    autotune: str = ""         # conv MMA kernels: "kept", or "pruned: <why>" (_autotune_status)
 
     def key(self):
         return (self.module, self.name, self.arch, self.signature, self.constexprs, self.attrs,
@@ -273,8 +281,43 @@ def capture(archs: Iterable[int], dtypes: Iterable[str], only: set, quick: bool,
                     for record in group_records:
                         for arch in group_archs:
                             spec = _specialise(record, arch, dtype, label)
-                            specs.setdefault(spec.key(), spec)
+                            spec = dataclasses.replace(spec,
+                                                       autotune=_autotune_status(record, arch))
+                            seen = specs.get(spec.key())
+                            if seen is None or _status_rank(spec) < _status_rank(seen):
+                                specs[spec.key()] = spec  # kept by any scenario: kept
     return list(specs.values())
+
+
+CONV_KINDS = {"_conv_fwd_kernel": "fwd", "_conv_dgrad_kernel": "dgrad",
+              "_conv_wgrad_kernel": "wgrad"}
+PRUNED_SIZE = "pruned: larger than the problem"
+
+
+def _status_rank(spec) -> int:
+    return {"kept": 0, PRUNED_SIZE: 1}.get(spec.autotune, 2)
+
+
+def _autotune_status(record, arch: int) -> str:
+    """What the conv autotuner does with the launch's (pinned) config on ``arch``, asked of
+    ``conv.prune_configs`` / ``conv.prune_reason`` themselves with the launch's arguments, the
+    whole ``cuda_conv_configs`` list and the arch's shared-memory limit: "kept", "pruned: shared
+    memory" / "pruned: spills" (never benchmarked for this variant and dtype), or "pruned: larger
+    than the problem" (kept at larger channel counts). "" for the other kernels."""
+    from fastres.triton import conv
+    kind = CONV_KINDS.get(record.name)
+    if kind is None:
+        return ""
+    args = {**record.args, **record.options}
+    configs = conv.cuda_conv_configs(kind)
+    shape = (args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"], args["num_warps"],
+             args["num_stages"])
+    config = next(c for c in configs if conv._config_shape(c) == shape)
+    reason = conv.prune_reason(kind, config, args, SMEM_LIMIT[arch], arch)
+    if reason is not None:
+        return f"pruned: {reason}"
+    kept = conv.prune_configs(kind, configs, args, SMEM_LIMIT[arch], arch)
+    return "kept" if any(conv._config_shape(c) == shape for c in kept) else PRUNED_SIZE
 
 
 TMA_MIN_ARCH = 90  # tensor descriptors lower to TMA from Hopper on; conv.use_tensor_descriptors
@@ -325,6 +368,7 @@ class Row:
     ld_bits: tuple
     st_bits: tuple
     scenario: str
+    autotune: str = ""  # conv MMA kernels: "kept" or "pruned: <why>" (the autotuner's pruner)
 
     @property
     def over_smem(self) -> bool:
@@ -416,7 +460,7 @@ def compile_spec(spec: Spec) -> Row:
     variant, config = _variant(spec, kernel)
     return Row(spec.name, variant, config, spec.dtype, spec.arch, int(fields.get("REG", -1)),
                _spill_bytes(sass), int(fields.get("STACK", -1)), compiled.metadata.shared, mma,
-               async_copies, tma, ld, st, spec.scenario)
+               async_copies, tma, ld, st, spec.scenario, spec.autotune)
 
 
 def report(archs=ARCHS, dtypes=DTYPES, only=("bn", "conv"), quick=False, select=None,
@@ -447,7 +491,7 @@ def _case(scenario: str) -> str:
 
 HEADER = (f"{'kernel':32s} {'case':26s} {'variant':58s} {'config':16s} {'dtype':5s} {'arch':5s} {'regs':>4s} "
           f"{'spill':>5s} {'stack':>5s} {'smem':>7s} {'mma':8s} {'async':>5s} {'tma':>3s} "
-          f"{'ld bits':12s} {'st bits':12s}")
+          f"{'ld bits':12s} {'st bits':12s} autotune")
 
 
 def format_row(r: Row) -> str:
@@ -455,7 +499,7 @@ def format_row(r: Row) -> str:
     return (f"{r.kernel:32s} {_case(r.scenario)[:26]:26s} {r.variant[:58]:58s} {r.config:16s} {r.dtype:5s} sm_{r.arch:<2d} "
             f"{r.regs:>4d} {r.spill:>5d} {r.stack:>5d} {smem:>7s} {r.mma:8s} {r.async_copies:>5d} "
             f"{r.tma:>3d} {','.join(map(str, r.ld_bits)) or '-':12s} "
-            f"{','.join(map(str, r.st_bits)) or '-':12s}")
+            f"{','.join(map(str, r.st_bits)) or '-':12s} {r.autotune or '-'}")
 
 
 def main(argv=None) -> int:
@@ -486,14 +530,23 @@ def main(argv=None) -> int:
           f"batch 256)")
     print("# spill: bytes of STL per thread in SASS; smem '!': over the limit "
           "(sm_90 227 KB, sm_80 163 KB); ld/st bits: widths of global accesses in the PTX")
+    print("# autotune (conv MMA kernels): what fastres.triton.conv.prune_configs does with the config "
+          "at this launch on this arch — kept, or pruned (shared memory / spills: never for this "
+          "variant and dtype; larger than the problem: kept for larger channel counts)")
     print(HEADER, flush=True)
     rows = report(archs, dtypes, only, args.quick, args.select,
                   progress=lambda r: print(format_row(r), flush=True),
                   layouts=args.layout.split(","), compile_only=args.compile_only)
-    over = [r for r in rows if r.over_smem]
-    spills = [r for r in rows if r.spill and not r.over_smem]
-    print(f"# {len(rows)} compiles; over the shared-memory limit: {len(over)}; "
-          f"spilling (within the limit): {len(spills)}")
+    requested = [r for r in rows if r.autotune in ("", "kept", PRUNED_SIZE)]
+    over = [r for r in requested if r.over_smem]
+    spills = [r for r in requested if r.spill]
+    pruned = collections.Counter(r.autotune for r in rows if r.autotune not in ("", "kept"))
+    print(f"# {len(rows)} compiles; conv configs the autotuner's pruner drops for the variant and "
+          f"dtype: {sum(n for k, n in pruned.items() if k != PRUNED_SIZE)} "
+          f"({', '.join(f'{k[8:]}: {n}' for k, n in sorted(pruned.items()) if k != PRUNED_SIZE) or '-'}), "
+          f"only for the problem's size: {pruned[PRUNED_SIZE]}")
+    print(f"# of the rest (what the launchers can request): over the shared-memory limit: "
+          f"{len(over)}; spilling: {len(spills)}")
     conv_mma = [r for r in rows if r.mma != "none" and r.kernel.startswith("_conv_")]
     if conv_mma:
         tma = [r for r in conv_mma if r.tma]

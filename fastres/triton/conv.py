@@ -88,6 +88,21 @@ def device_shared_memory(device: torch.device) -> int:
     return H100_SHARED_MEMORY
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def device_arch(device: torch.device) -> int:
+    """The SM version the kernels compile for (90: H100/H200, 80: A100); GPU-faithful CPU runs
+    model an H100."""
+    if device.type == "cuda":
+        return _cuda_arch(device.index if device.index is not None
+                          else torch.cuda.current_device())
+    return 90
+
+
 def shared_memory_bytes(kind: str, config, elem_bytes: int, dy_stats: bool = True) -> int:
     """Shared memory of one ``kind`` kernel with ``config``: the pipeliner keeps num_stages copies
     of every tile the main loop loads — A and B, and the saved output y when the statistics'
@@ -98,7 +113,10 @@ def shared_memory_bytes(kind: str, config, elem_bytes: int, dy_stats: bool = Tru
     dgrad 128×128×64 s3 with dy_stats 294912 → 296448, without 196608 → 196608; wgrad 128×64×64
     s4 with dy_stats 327680 → 294912, without 196608 → 196608; wgrad 128×128×64 s3 with dy_stats
     294912 → 262144; fwd 128×128×64 s3 with prologue and statistics 196608 → 230400. Against the
-    227 KiB limit the model keeps and drops exactly the configs the compiler does."""
+    227 KiB limit the model keeps and drops exactly the configs the compiler does. On sm_80
+    (mma.sync, cp.async) the compiler needs less than the model for some configs (fp32 dgrad
+    128×128×32 s4 with dy_stats: model 196608, compiled 164992), so against the A100's 163 KiB the
+    model prunes a few configs that would fit: conservative, never the other way."""
     m, n, k = (config.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     tiles = m * k + k * n
     if kind != "fwd" and dy_stats:
@@ -108,11 +126,11 @@ def shared_memory_bytes(kind: str, config, elem_bytes: int, dy_stats: bool = Tru
 
 # Configurations as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Compiled ahead of time for
 # sm_90 with the launcher's specialisation (tools/kernel_report.py, docs/kernel_report.txt), every
-# one lowers to wgmma with cp.async pipelining. Only dgrad with both prologues spills, a little:
-# ≤ 40 B per thread in bf16 (64×128×32 w4 s4), in fp32 40 B (64×64×64 w4 s3) and 92 B
-# (64×128×32 w4 s4); fwd and wgrad spill nothing. fp32 tiles are bounded by shared memory instead
-# (``shared_memory_bytes``; the autotuner prunes what does not fit: dgrad 128×128×64, wgrad
-# 128×128×64 and 128×64×64 in fp32).
+# one lowers to wgmma (cp.async pipelining, or TMA for the 1×1 stride-1 plain GEMMs). fp32 tiles
+# are bounded by shared memory (``shared_memory_bytes``; the autotuner prunes what does not fit:
+# dgrad 128×128×64 with the statistics' gradient, wgrad 128×128×64 and 128×64×64 in fp32), and
+# a few by registers (``_SPILLING_CONFIGS``: dgrad / wgrad with both prologues, and on sm_80 fwd
+# with statistics; pruned too).
 _CUDA_SHAPES = {
     # wgrad: M = output channels, N = input channels (per tap), K = pixels (long reduction).
     "wgrad": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)],
@@ -150,19 +168,69 @@ def conv_configs(kind: str) -> list:
     return cuda_conv_configs(kind)
 
 
-def prune_configs(kind: str, configs, named_args: dict, limit: int = None) -> list:
-    """The configurations worth benchmarking for one launch: those that fit the device's shared
-    memory (for the operand dtype, with or without the saved-output tile of ``dy_stats``), then, of
-    those, the ones whose tile does not exceed the problem — BLOCK_N ≤ next_pow2(columns) and, for
-    fwd / dgrad, BLOCK_K ≤ next_pow2(reduced channels), for wgrad BLOCK_M ≤ next_pow2(K) — or, if
-    none is that small, the smallest."""
+# Configurations that ptxas compiles with register spills (STL in the SASS, counted by
+# tools/kernel_report.py with the launcher's specialisation at ResNet-50 shapes, triton 3.8; up to
+# 255 registers per thread and 8–92 B of local-memory stores per thread). Mostly dgrad / wgrad with
+# BOTH prologues — x's BN-apply + ReLU and the statistics' gradient folded into dy (dy, the saved
+# output y and their per-channel coefficients live beside the accumulator) — and, on sm_80
+# (mma.sync), fwd with the statistics epilogue. Keyed by (kind, the variant's switches that are
+# on, operand dtype, SM version); the autotuner drops them for that variant only
+# (``prune_reason``), the other configurations of the list cover those layers. fp16 was compiled
+# for dgrad only (the report's default dtypes are bf16 and fp32).
+_SWITCHES = ("HAS_PROLOGUE", "HAS_STATS", "HAS_DY_PROLOGUE")
+_BOTH_PROLOGUES = frozenset({"HAS_PROLOGUE", "HAS_DY_PROLOGUE"})
+_PROLOGUE_STATS = frozenset({"HAS_PROLOGUE", "HAS_STATS"})
+_SPILLING_CONFIGS = {
+    ("dgrad", _BOTH_PROLOGUES, torch.bfloat16, 90): {(64, 128, 32, 4, 4)},       # 28–32 B
+    ("dgrad", _BOTH_PROLOGUES, torch.float16, 90): {(64, 128, 32, 4, 4),         # 32–40 B
+                                                    (128, 128, 32, 8, 4)},       # 28 B
+    ("dgrad", _BOTH_PROLOGUES, torch.float32, 90): {(64, 128, 32, 4, 4),         # 92 B
+                                                    (64, 64, 64, 4, 3)},         # 28 B
+    ("dgrad", _BOTH_PROLOGUES, torch.float32, 80): {(128, 64, 32, 4, 4)},        # 20 B
+    ("wgrad", _BOTH_PROLOGUES, torch.bfloat16, 90): {(128, 64, 64, 4, 4)},       # 12 B
+    ("wgrad", _BOTH_PROLOGUES, torch.bfloat16, 80): {(128, 64, 64, 4, 4)},       # 28 B
+    ("fwd", _PROLOGUE_STATS, torch.bfloat16, 80): {(128, 128, 32, 8, 4),         # 8 B
+                                                   (128, 64, 32, 4, 4)},         # 8 B
+    ("fwd", _PROLOGUE_STATS, torch.float32, 80): {(128, 64, 32, 4, 4)},          # 16 B
+    ("fwd", frozenset({"HAS_STATS"}), torch.bfloat16, 80): {(128, 128, 64, 8, 3)},  # stem: 32 B
+}
+
+
+def _config_shape(config) -> tuple:
+    kw = config.kwargs
+    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages)
+
+
+def prune_reason(kind: str, config, named_args: dict, limit: int = None,
+                 arch: int = None):
+    """Why the autotuner never benchmarks ``config`` for this launch, whatever the problem size:
+    "shared memory" (``shared_memory_bytes`` over ``limit``, default the device's, for the operand
+    dtype, with or without the saved-output tile of ``dy_stats``) or "spills" (in
+    ``_SPILLING_CONFIGS`` for this variant's switches, dtype and ``arch``, default the device's);
+    None when it may be benchmarked."""
     act = named_args["X"] if kind == "fwd" else named_args["DY"]
     dy_stats = bool(named_args.get("HAS_DY_PROLOGUE", False))
     limit = device_shared_memory(act.device) if limit is None else limit
-    fits = [c for c in configs
-            if shared_memory_bytes(kind, c, act.element_size(), dy_stats) <= limit]
+    if shared_memory_bytes(kind, config, act.element_size(), dy_stats) > limit:
+        return "shared memory"
+    switches = frozenset(name for name in _SWITCHES if named_args.get(name, False))
+    arch = device_arch(act.device) if arch is None else arch
+    if _config_shape(config) in _SPILLING_CONFIGS.get((kind, switches, act.dtype, arch), ()):
+        return "spills"
+    return None
+
+
+def prune_configs(kind: str, configs, named_args: dict, limit: int = None,
+                  arch: int = None) -> list:
+    """The configurations worth benchmarking for one launch: those ``prune_reason`` does not drop
+    (the device's shared memory; register spills of a known variant), then, of those, the ones
+    whose tile does not exceed the problem — BLOCK_N ≤ next_pow2(columns) and, for fwd / dgrad,
+    BLOCK_K ≤ next_pow2(reduced channels), for wgrad BLOCK_M ≤ next_pow2(K) — or, if none is that
+    small, the smallest."""
+    fits = [c for c in configs if prune_reason(kind, c, named_args, limit, arch) is None]
     if not fits:
-        raise RuntimeError(f"conv {kind}: no configuration fits {limit} bytes of shared memory")
+        raise RuntimeError(f"conv {kind}: every configuration is pruned for this device (shared "
+                           f"memory limit {limit or 'of the device'}, register spills)")
     C, K = named_args["C"], named_args["K"]
     cols, reduced, rows = {"fwd": (K, C, None), "dgrad": (C, K, None), "wgrad": (C, None, K)}[kind]
     p2 = lambda v: max(16, triton.next_power_of_2(v))  # noqa: E731
@@ -822,10 +890,7 @@ def recording_autotune(device_limit: int = H100_SHARED_MEMORY):
             key = [all_args[k] for k in _kernel.keys if k in all_args]
             key += [str(a.dtype) for a in all_args.values() if hasattr(a, "dtype")]
             configs = cuda_conv_configs(_kind)
-            act = all_args["X"] if _kind == "fwd" else all_args["DY"]
-            fits = [c for c in configs
-                    if shared_memory_bytes(_kind, c, act.element_size(),
-                                           bool(all_args.get("HAS_DY_PROLOGUE"))) <= device_limit]
+            fits = [c for c in configs if prune_reason(_kind, c, all_args, device_limit) is None]
             pruned = prune_configs(_kind, configs, all_args, device_limit)
             spec = tuple((name, "1" if all_args[name] == 1 else
                           "D" if all_args[name] % 16 == 0 else "")
