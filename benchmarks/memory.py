@@ -52,7 +52,19 @@ def _commit() -> str:
 
 
 def measure(model_name: str, batch: int, image_size: int, dtype: torch.dtype) -> dict:
-    """Saved bytes of every variant (VARIANTS) for one model and dtype."""
+    """Saved bytes of every variant (VARIANTS) for one model and dtype, as a JSON-ready dict."""
+    reports = variant_reports(model_name, batch, image_size, dtype)
+    base = reports["eager"].activation_bytes
+    return {
+        "model": model_name, "batch": batch, "image_size": image_size,
+        "dtype": str(dtype).replace("torch.", ""), "autocast": reports["eager"].autocast,
+        "variants": {v: {**r.as_dict(), "ratio_vs_eager": r.activation_bytes / base}
+                     for v, r in reports.items()},
+    }
+
+
+def variant_reports(model_name: str, batch: int, image_size: int, dtype: torch.dtype) -> dict:
+    """{variant: fastres.memory report} for every variant (VARIANTS) of one torchvision model."""
     import torchvision
 
     import fastres
@@ -74,13 +86,7 @@ def measure(model_name: str, batch: int, image_size: int, dtype: torch.dtype) ->
             reports[variant] = saved_activation_bytes(model, shape, dtype)
     finally:
         normconv.set_normconv(prev)
-    base = reports["eager"].activation_bytes
-    return {
-        "model": model_name, "batch": batch, "image_size": image_size,
-        "dtype": str(dtype).replace("torch.", ""), "autocast": reports["eager"].autocast,
-        "variants": {v: {**r.as_dict(), "ratio_vs_eager": r.activation_bytes / base}
-                     for v, r in reports.items()},
-    }
+    return reports
 
 
 def _mib(n: int) -> str:

@@ -77,3 +77,18 @@ def precision_mode(request):
     matching baseline for the tolerance rule (eager, or its fp32-accumulating composition)."""
     with fastres.precision.gpu_faithful(request.param == "gpu_faithful"):
         yield request.param
+
+
+@pytest.fixture(scope="session")
+def resnet50_counts():
+    """{(dtype, variant): fastres.memory report} of torchvision's ResNet-50 at batch 2, 64x64, fp32
+    and bf16, for every variant of the memory benchmark (benchmarks.memory.VARIANTS: eager, the
+    convert default, normconv, recompute, recompute+normconv) — the very code that writes
+    benchmarks/results/memory, at a size a test can afford."""
+    from benchmarks.memory import VARIANTS, variant_reports
+
+    counts = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        reports = variant_reports("resnet50", 2, 64, dtype)
+        counts.update({(dtype, v): reports[v] for v in VARIANTS})
+    return counts

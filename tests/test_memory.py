@@ -3,17 +3,14 @@ measures: BatchNormAct2d.mask_from_output and fastres.nn.MaxPool2d (same results
 bit), and ResNet-50's ratios against eager at batch 2, 64x64."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
-from torchvision.models import resnet50
 
 import fastres
 from fastres import functional as F
 from fastres.memory import INPUT, saved_activation_bytes
-from fastres.nn import MaxPool2d, normconv
+from fastres.nn import MaxPool2d
 
 
 def test_counts_a_toy_model_exactly():
@@ -104,26 +101,6 @@ def test_max_pool_without_indices_matches_eager():
     assert torch.equal(grads[0][1], grads[1][1])
     with pytest.raises(ValueError, match="indices"):
         MaxPool2d(2, return_indices=True)
-
-
-@pytest.fixture(scope="module")
-def resnet50_counts():
-    torch.manual_seed(0)
-    eager = resnet50()
-    converted = fastres.convert(eager)
-    counts = {}
-    prev = normconv.get_normconv()
-    try:
-        for dtype in (torch.float32, torch.bfloat16):
-            shape = (2, 3, 64, 64)
-            normconv.set_normconv("off")
-            counts[dtype, "eager"] = saved_activation_bytes(eager, shape, dtype)
-            counts[dtype, "default"] = saved_activation_bytes(converted, shape, dtype)
-            normconv.set_normconv("on")
-            counts[dtype, "normconv"] = saved_activation_bytes(converted, shape, dtype)
-    finally:
-        normconv.set_normconv(prev)
-    return counts
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

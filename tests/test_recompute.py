@@ -4,8 +4,6 @@ for bit, saved bytes ≤ 0.6× eager on ResNet-50, nothing changes with the flag
 the state_dict."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torchvision
@@ -185,26 +183,6 @@ def test_flag_off_eval_and_state_dict_unchanged(normconv_mode):
         with torch.no_grad():
             assert torch.equal(plain(x), rc(x))
     assert not recompute.recording()
-
-
-@pytest.fixture(scope="module")
-def resnet50_counts():
-    torch.manual_seed(0)
-    eager = torchvision.models.resnet50()
-    rc = fastres.convert(eager, recompute_block_outputs=True)
-    counts = {}
-    prev = normconv.get_normconv()
-    try:
-        for dtype in (torch.float32, torch.bfloat16):
-            shape = (2, 3, 64, 64)
-            normconv.set_normconv("off")
-            counts[dtype, "eager"] = saved_activation_bytes(eager, shape, dtype)
-            counts[dtype, "recompute"] = saved_activation_bytes(rc, shape, dtype)
-            normconv.set_normconv("on")
-            counts[dtype, "recompute+normconv"] = saved_activation_bytes(rc, shape, dtype)
-    finally:
-        normconv.set_normconv(prev)
-    return counts
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
